@@ -1,0 +1,133 @@
+"""Attention: MLA (latent KV, decoupled RoPE) and GQA/MQA/MHA, with RMSNorm and interleaved RoPE."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dsmoe.config import Config
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # statistics in fp32: bf16/fp16 variance underflows for small activations
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).to(x.dtype)
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of shape [max_seq_len, head_dim/2] in fp32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x_BSHD: torch.Tensor, cos_SD2: torch.Tensor, sin_SD2: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x0, x1), (x2, x3), ... (DeepSeek's complex-number layout)."""
+    S = x_BSHD.shape[1]
+    x = x_BSHD.float().unflatten(-1, (-1, 2))
+    x0, x1 = x[..., 0], x[..., 1]
+    cos = cos_SD2[:S, None, :]
+    sin = sin_SD2[:S, None, :]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).to(x_BSHD.dtype)
+
+
+class RotaryCache(nn.Module):
+    """RoPE cos/sin tables as non-persistent buffers (rebuilt, never checkpointed)."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float):
+        super().__init__()
+        self.head_dim, self.max_seq_len, self.theta = head_dim, max_seq_len, theta
+        cos, sin = rope_tables(head_dim, max_seq_len, theta)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+
+    def reset(self) -> None:
+        """Recompute after materialising from the meta device."""
+        self.cos, self.sin = rope_tables(self.head_dim, self.max_seq_len, self.theta, device=self.cos.device)
+
+
+class MultiHeadLatentAttention(nn.Module):
+    """DeepSeek-V2/V3 MLA: K/V from a compressed latent plus one RoPE key shared across heads."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        m, a = cfg.model, cfg.attention
+        self.n_heads = m.n_heads
+        self.nope, self.rope, self.v_dim = a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim
+        self.kv_lora_rank = a.kv_lora_rank
+        qk_dim = self.nope + self.rope
+        if a.q_lora_rank > 0:
+            self.wq_a = nn.Linear(m.d_model, a.q_lora_rank, bias=False)
+            self.q_norm = RMSNorm(a.q_lora_rank, m.norm_eps)
+            self.wq_b = nn.Linear(a.q_lora_rank, m.n_heads * qk_dim, bias=False)
+        else:
+            self.wq = nn.Linear(m.d_model, m.n_heads * qk_dim, bias=False)
+        self.wkv_a = nn.Linear(m.d_model, a.kv_lora_rank + self.rope, bias=False)
+        self.kv_norm = RMSNorm(a.kv_lora_rank, m.norm_eps)
+        self.wkv_b = nn.Linear(a.kv_lora_rank, m.n_heads * (self.nope + self.v_dim), bias=False)
+        self.wo = nn.Linear(m.n_heads * self.v_dim, m.d_model, bias=False)
+        self.wo.is_residual_proj = True
+        self.rotary = RotaryCache(self.rope, m.max_seq_len, m.rope_theta)
+        self.scale = 1.0 / math.sqrt(qk_dim)
+
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x_BSD.shape
+        H = self.n_heads
+        if hasattr(self, "wq"):
+            q = self.wq(x_BSD)
+        else:
+            q = self.wq_b(self.q_norm(self.wq_a(x_BSD)))
+        q_BSHK = q.view(B, S, H, self.nope + self.rope)
+        q_nope, q_pe = q_BSHK.split([self.nope, self.rope], dim=-1)
+        q_pe = apply_rope(q_pe, self.rotary.cos, self.rotary.sin)
+
+        latent, k_pe = self.wkv_a(x_BSD).split([self.kv_lora_rank, self.rope], dim=-1)
+        k_pe_BS1R = apply_rope(k_pe.unsqueeze(2), self.rotary.cos, self.rotary.sin)
+        kv_BSHK = self.wkv_b(self.kv_norm(latent)).view(B, S, H, self.nope + self.v_dim)
+        k_nope, v_BSHV = kv_BSHK.split([self.nope, self.v_dim], dim=-1)
+
+        q_BHSK = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)
+        k_BHSK = torch.cat([k_nope, k_pe_BS1R.expand(B, S, H, self.rope)], dim=-1).transpose(1, 2)
+        out_BHSV = F.scaled_dot_product_attention(q_BHSK, k_BHSK, v_BSHV.transpose(1, 2),
+                                                  is_causal=True, scale=self.scale)
+        return self.wo(out_BHSV.transpose(1, 2).reshape(B, S, H * self.v_dim))
+
+
+class GroupedQueryAttention(nn.Module):
+    """GQA: n_kv_heads key/value heads shared by groups of query heads (1 = MQA, n_heads = MHA)."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        m, a = cfg.model, cfg.attention
+        self.n_heads = m.n_heads
+        self.n_kv_heads = a.n_kv_heads or m.n_heads
+        self.head_dim = a.head_dim or m.d_model // m.n_heads
+        self.wq = nn.Linear(m.d_model, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(m.d_model, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(m.d_model, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, m.d_model, bias=False)
+        self.wo.is_residual_proj = True
+        self.rotary = RotaryCache(self.head_dim, m.max_seq_len, m.rope_theta)
+
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x_BSD.shape
+        q = apply_rope(self.wq(x_BSD).view(B, S, self.n_heads, self.head_dim), self.rotary.cos, self.rotary.sin)
+        k = apply_rope(self.wk(x_BSD).view(B, S, self.n_kv_heads, self.head_dim), self.rotary.cos, self.rotary.sin)
+        v = self.wv(x_BSD).view(B, S, self.n_kv_heads, self.head_dim)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.wo(out.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
+
+
+def build_attention(cfg: Config) -> nn.Module:
+    return MultiHeadLatentAttention(cfg) if cfg.attention.kind == "mla" else GroupedQueryAttention(cfg)

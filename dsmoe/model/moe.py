@@ -1,0 +1,189 @@
+"""DeepSeekMoE: router, stacked routed experts (grouped GEMM), shared experts, over a Dispatcher."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dsmoe.config import Config
+from dsmoe.model.dispatch import Dispatcher, LocalDispatcher
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.w_gate = nn.Linear(d_model, hidden, bias=False)
+        self.w_up = nn.Linear(d_model, hidden, bias=False)
+        self.w_down = nn.Linear(hidden, d_model, bias=False)
+        self.w_down.is_residual_proj = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+
+@dataclass
+class Routing:
+    topk_idx: torch.Tensor  # [T, K] long; -1 where the capacity limit dropped the assignment
+    topk_weight: torch.Tensor  # [T, K] fp32 gate weights (0 where dropped)
+    counts: torch.Tensor  # [E] fp32 assignments per expert before any drop (drives the bias update)
+    dropped: torch.Tensor  # scalar fp32: assignments dropped by the capacity limit
+    aux_loss: torch.Tensor  # scalar fp32: sequence-wise balance loss + z-loss (weighted)
+
+
+def capacity_keep(topk_idx_TK: torch.Tensor, n_experts: int, capacity: int) -> torch.Tensor:
+    """Keep each expert's first `capacity` assignments in token order (earlier tokens win)."""
+    flat = topk_idx_TK.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=n_experts)
+    starts = torch.cumsum(counts, 0) - counts
+    rank_in_expert = torch.empty_like(flat)
+    rank_in_expert[order] = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]
+    return (rank_in_expert < capacity).view_as(topk_idx_TK)
+
+
+class Router(nn.Module):
+    """Top-k routing with fp32 scores; the aux-loss-free bias only chooses experts, never weighs them."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        e = cfg.moe
+        self.cfg = e
+        self.n_experts, self.top_k = e.n_routed_experts, e.top_k
+        self.weight = nn.Parameter(torch.empty(e.n_routed_experts, cfg.model.d_model))
+        self.register_buffer("expert_bias", torch.zeros(e.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x_TD: torch.Tensor, n_seqs: int) -> Routing:
+        e = self.cfg
+        logits_TE = F.linear(x_TD.float(), self.weight.float())
+        scores_TE = logits_TE.sigmoid() if e.score_func == "sigmoid" else logits_TE.softmax(-1)
+        choice_TE = scores_TE.detach() + self.expert_bias
+        if e.n_groups > 1:
+            choice_TE = self._limit_groups(choice_TE)
+        topk_idx = choice_TE.topk(self.top_k, dim=-1).indices
+        weight_TK = scores_TE.gather(1, topk_idx)
+        if e.norm_topk_prob and self.top_k > 1:
+            weight_TK = weight_TK / (weight_TK.sum(-1, keepdim=True) + 1e-20)
+        weight_TK = weight_TK * e.routed_scaling_factor
+        counts = torch.bincount(topk_idx.reshape(-1), minlength=self.n_experts).float()
+
+        dropped = torch.zeros((), device=x_TD.device)
+        if e.capacity_factor is not None:
+            T = x_TD.shape[0]
+            capacity = max(1, math.ceil(e.capacity_factor * T * self.top_k / self.n_experts))
+            keep_TK = capacity_keep(topk_idx, self.n_experts, capacity)
+            dropped = (~keep_TK).sum().float()
+            topk_idx = torch.where(keep_TK, topk_idx, -1)
+            weight_TK = weight_TK * keep_TK
+
+        aux = torch.zeros((), device=x_TD.device)
+        if e.seq_aux_loss_coef > 0 and self.training:
+            aux = aux + e.seq_aux_loss_coef * self.sequence_balance_loss(scores_TE, topk_idx, n_seqs)
+        if e.z_loss_coef > 0 and self.training:
+            aux = aux + e.z_loss_coef * torch.logsumexp(logits_TE, dim=-1).pow(2).mean()
+        return Routing(topk_idx, weight_TK, counts, dropped, aux)
+
+    def _limit_groups(self, choice_TE: torch.Tensor) -> torch.Tensor:
+        """Keep only the topk_groups best groups (a group scores by its two best experts, as in V3)."""
+        e = self.cfg
+        T = choice_TE.shape[0]
+        grouped = choice_TE.view(T, e.n_groups, -1)
+        per_group = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
+        best_groups = per_group.topk(e.topk_groups, dim=-1).indices
+        mask_TG = torch.zeros_like(per_group, dtype=torch.bool).scatter_(1, best_groups, True)
+        return grouped.masked_fill(~mask_TG[..., None], float("-inf")).view(T, -1)
+
+    def sequence_balance_loss(self, scores_TE: torch.Tensor, topk_idx_TK: torch.Tensor, n_seqs: int) -> torch.Tensor:
+        """DeepSeek-V3's sequence-wise loss: sum_i f_i * P_i per sequence, averaged over sequences."""
+        E, K = self.n_experts, self.top_k
+        scores_BSE = scores_TE.view(n_seqs, -1, E)
+        S = scores_BSE.shape[1]
+        probs_BSE = scores_BSE / scores_BSE.sum(-1, keepdim=True)
+        chosen = topk_idx_TK.view(n_seqs, S * K)
+        hits_BE = torch.zeros(n_seqs, E, device=scores_TE.device).scatter_add_(
+            1, chosen.clamp(min=0), (chosen >= 0).float())
+        f_BE = hits_BE * (E / (K * S))
+        return (f_BE * probs_BSE.mean(1)).sum(-1).mean()
+
+
+def update_expert_bias(router: Router, counts_E: torch.Tensor, rate: float) -> None:
+    """bias += rate * sign(mean_load - load); call once per optimizer step with counts summed over ranks."""
+    with torch.no_grad():
+        router.expert_bias += rate * torch.sign(counts_E.mean() - counts_E)
+
+
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+_grouped_mm_broken: set = set()  # (device type, dtype) where grouped_mm raised: use the loop there
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts with stacked weights w_gate/w_up [E, d, f] and w_down [E, f, d]."""
+
+    def __init__(self, n_experts: int, d_model: int, hidden: int, impl: str = "grouped"):
+        super().__init__()
+        self.impl = impl
+        self.w_gate = nn.Parameter(torch.empty(n_experts, d_model, hidden))
+        self.w_up = nn.Parameter(torch.empty(n_experts, d_model, hidden))
+        self.w_down = nn.Parameter(torch.empty(n_experts, hidden, d_model))
+
+    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        dtype = torch.get_autocast_dtype(x_ND.device.type) if torch.is_autocast_enabled(x_ND.device.type) else x_ND.dtype
+        x_ND = x_ND.to(dtype)
+        w_gate, w_up, w_down = (w.to(dtype) for w in (self.w_gate, self.w_up, self.w_down))
+        if self.impl == "grouped" and self._grouped_ok(x_ND):
+            try:
+                return self._grouped(x_ND, counts_E, w_gate, w_up, w_down)
+            except (RuntimeError, NotImplementedError):
+                _grouped_mm_broken.add((x_ND.device.type, dtype))
+        return self._loop(x_ND, counts_E, w_gate, w_up, w_down)
+
+    def _grouped_ok(self, x_ND: torch.Tensor) -> bool:
+        # grouped_mm needs 16-byte aligned rows
+        row_elems = 16 // x_ND.element_size()
+        d, f = self.w_gate.shape[1:]
+        return (_GROUPED_MM is not None and d % row_elems == 0 and f % row_elems == 0
+                and (x_ND.device.type, x_ND.dtype) not in _grouped_mm_broken)
+
+    @staticmethod
+    def _grouped(x_ND, counts_E, w_gate, w_up, w_down):
+        offs = torch.cumsum(counts_E, 0, dtype=torch.int32)
+        h = F.silu(_GROUPED_MM(x_ND, w_gate, offs=offs)) * _GROUPED_MM(x_ND, w_up, offs=offs)
+        return _GROUPED_MM(h, w_down, offs=offs)
+
+    @staticmethod
+    def _loop(x_ND, counts_E, w_gate, w_up, w_down):
+        """Reference: one matmul chain per expert (one host sync for the counts)."""
+        out = torch.zeros_like(x_ND)
+        start = 0
+        for e, n in enumerate(counts_E.tolist()):
+            xs = x_ND[start:start + n]  # an empty slice keeps the expert in the graph: zero gradient
+            out[start:start + n] = (F.silu(xs @ w_gate[e]) * (xs @ w_up[e])) @ w_down[e]
+            start += n
+        return out
+
+
+class MoE(nn.Module):
+    """Shared experts + routed experts; tokens reach the routed experts through a Dispatcher."""
+
+    def __init__(self, cfg: Config, dispatcher: Dispatcher | None = None):
+        super().__init__()
+        e = cfg.moe
+        self.router = Router(cfg)
+        self.dispatcher = dispatcher or LocalDispatcher(e.n_routed_experts, drops=e.capacity_factor is not None)
+        self.experts = GroupedExperts(self.dispatcher.n_local_experts, cfg.model.d_model, e.expert_hidden,
+                                      e.expert_impl)
+        self.shared = SwiGLU(cfg.model.d_model, e.n_shared_experts * e.expert_hidden) if e.n_shared_experts else None
+
+    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, Routing]:
+        B, S, D = x_BSD.shape
+        x_TD = x_BSD.reshape(B * S, D)
+        routing = self.router(x_TD, B)
+        shared_fn = (lambda: self.shared(x_TD)) if self.shared is not None else None
+        expert_x, counts, handle = self.dispatcher.dispatch(x_TD, routing.topk_idx, overlap=shared_fn)
+        expert_y = self.experts(expert_x, counts)
+        y_TD = self.dispatcher.combine(expert_y, routing.topk_weight, handle).to(x_BSD.dtype)
+        if self.shared is not None:
+            y_TD = y_TD + handle.overlap_result
+        return y_TD.view(B, S, D), routing

@@ -1,0 +1,188 @@
+"""The decoder: pre-norm blocks of attention and FFN/MoE, the LM head, parameter counts and FLOPs."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dsmoe.config import Config
+from dsmoe.model.attention import RMSNorm, RotaryCache, build_attention
+from dsmoe.model.dispatch import Dispatcher
+from dsmoe.model.moe import MoE, SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: Config, layer: int, dispatcher: Optional[Dispatcher]):
+        super().__init__()
+        self.layer = layer
+        self.attn_norm = RMSNorm(cfg.model.d_model, cfg.model.norm_eps)
+        self.attn = build_attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.model.d_model, cfg.model.norm_eps)
+        self.is_moe = cfg.is_moe_layer(layer)
+        self.ffn = MoE(cfg, dispatcher) if self.is_moe else SwiGLU(cfg.model.d_model, cfg.model.ffn_hidden)
+
+    def forward(self, x: torch.Tensor):
+        """Returns (x, aux_loss, expert_counts [E] or None, dropped or None)."""
+        x = x + self.attn(self.attn_norm(x))
+        if self.is_moe:
+            y, routing = self.ffn(self.ffn_norm(x))
+            return x + y, routing.aux_loss, routing.counts, routing.dropped
+        return x + self.ffn(self.ffn_norm(x)), None, None, None
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor
+    loss: Optional[torch.Tensor]  # cross-entropy + balance losses (what backward sees)
+    ce_loss: Optional[torch.Tensor]  # cross-entropy alone (what is logged)
+    aux_loss: torch.Tensor
+    expert_counts: Optional[torch.Tensor]  # [n_moe_layers, E] assignments per expert (detached)
+    dropped: Optional[torch.Tensor]  # [n_moe_layers] assignments dropped by capacity
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: Config, vocab_size: Optional[int] = None,
+                 dispatcher_factory: Optional[Callable[[int], Dispatcher]] = None):
+        """`dispatcher_factory(layer)` supplies each MoE layer's dispatcher (default: local)."""
+        super().__init__()
+        self.cfg = cfg
+        self.vocab_size = vocab_size or cfg.model.vocab_size
+        if not self.vocab_size:
+            raise ValueError("model.vocab_size is null: pass the tokenizer's padded vocabulary size")
+        d = cfg.model.d_model
+        self.tok_embeddings = nn.Embedding(self.vocab_size, d)
+        self.layers = nn.ModuleList(
+            Block(cfg, i, dispatcher_factory(i) if dispatcher_factory and cfg.is_moe_layer(i) else None)
+            for i in range(cfg.model.n_layers))
+        self.norm = RMSNorm(d, cfg.model.norm_eps)
+        self.output = nn.Linear(d, self.vocab_size, bias=False)
+        if cfg.model.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.moe_layer_ids = [i for i in range(cfg.model.n_layers) if cfg.is_moe_layer(i)]
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self, seed: Optional[int] = None) -> None:
+        """std 0.02 normal; residual projections scaled by 1/sqrt(2*n_layers); norms 1; routing bias 0."""
+        if seed is not None:
+            torch.manual_seed(seed)
+        std = self.cfg.model.init_std
+        resid_std = std / math.sqrt(2 * self.cfg.model.n_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, 0.0, resid_std if getattr(module, "is_residual_proj", False) else std)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, 0.0, std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+            elif isinstance(module, RotaryCache):
+                module.reset()
+            elif isinstance(module, MoE):
+                nn.init.normal_(module.router.weight, 0.0, std)
+                module.router.expert_bias.zero_()
+                nn.init.normal_(module.experts.w_gate, 0.0, std)
+                nn.init.normal_(module.experts.w_up, 0.0, std)
+                nn.init.normal_(module.experts.w_down, 0.0, resid_std)
+
+    def forward(self, idx_BS: torch.Tensor, targets_BS: Optional[torch.Tensor] = None,
+                block_fn: Optional[Callable] = None) -> ModelOutput:
+        """`block_fn(block, x)` lets the trainer wrap blocks (activation checkpointing)."""
+        x = self.tok_embeddings(idx_BS)
+        aux = torch.zeros((), device=idx_BS.device)
+        counts, dropped = [], []
+        for block in self.layers:
+            x, block_aux, block_counts, block_dropped = block_fn(block, x) if block_fn else block(x)
+            if block_counts is not None:
+                aux = aux + block_aux
+                counts.append(block_counts.detach())
+                dropped.append(block_dropped.detach())
+        logits = self.output(self.norm(x))
+        loss = ce = None
+        if targets_BS is not None:
+            # loss in fp32: bf16/fp16 logits lose the small probabilities
+            ce = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets_BS.reshape(-1))
+            loss = ce + aux
+        return ModelOutput(logits, loss, ce, aux,
+                           torch.stack(counts) if counts else None,
+                           torch.stack(dropped) if dropped else None)
+
+    def moe_modules(self) -> list[MoE]:
+        return [self.layers[i].ffn for i in self.moe_layer_ids]
+
+    @torch.no_grad()
+    def generate(self, idx_BS: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int = 0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Sample a continuation (full recompute per token: simple, and fine at sample sizes)."""
+        for _ in range(max_new_tokens):
+            window = idx_BS[:, -self.cfg.model.max_seq_len:]
+            logits = self(window).logits[:, -1, :].float()
+            if temperature <= 0:
+                nxt = logits.argmax(-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k:
+                    kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)
+            idx_BS = torch.cat([idx_BS, nxt], dim=1)
+        return idx_BS
+
+
+# ----------------------------------------------------------------------------- counts
+
+
+def _category(name: str) -> str:
+    if name.startswith("tok_embeddings"):
+        return "embedding"
+    if name.startswith("output"):
+        return "lm_head"
+    if name.split(".")[-2].endswith("norm"):
+        return "norms"
+    if ".attn." in name:
+        return "attention"
+    if ".ffn.router." in name:
+        return "router"
+    if ".ffn.experts." in name:
+        return "moe_routed"
+    if ".ffn.shared." in name:
+        return "moe_shared"
+    if ".ffn." in name:
+        return "dense_ffn"
+    return "other"
+
+
+CATEGORIES = ("embedding", "lm_head", "attention", "dense_ffn", "moe_routed", "moe_shared", "router", "norms")
+
+
+def param_breakdown(model: Transformer) -> dict:
+    """Parameters per category, total and active per token (routed experts count top_k/E)."""
+    counts = dict.fromkeys(CATEGORIES, 0)
+    for name, p in model.named_parameters():  # tied weights appear once
+        counts[_category(name)] += p.numel()
+    total = sum(counts.values())
+    moe = model.cfg.moe
+    experts_per_rank = model.moe_modules()[0].experts.w_gate.shape[0] if model.moe_layer_ids else 0
+    ep_factor = moe.n_routed_experts / experts_per_rank if experts_per_rank else 1
+    routed_full = counts["moe_routed"] * ep_factor  # count every expert, wherever it lives
+    total += routed_full - counts["moe_routed"]
+    counts["moe_routed"] = int(routed_full)
+    active_routed = routed_full * (moe.top_k / moe.n_routed_experts) if moe.n_routed_experts else 0
+    active = total - routed_full + active_routed
+    return {**counts, "total": int(total), "active": int(active)}
+
+
+def flops_per_token(model: Transformer, seq_len: int) -> float:
+    """Training FLOPs per token: 6 * N_active (without the embedding lookup) + 6*L*H*S*(d_qk + d_v)."""
+    b = param_breakdown(model)
+    n_active = b["active"] - b["embedding"] + (b["embedding"] if model.cfg.model.tie_embeddings else 0)
+    m, a = model.cfg.model, model.cfg.attention
+    if a.kind == "mla":
+        qk, v = a.qk_nope_head_dim + a.qk_rope_head_dim, a.v_head_dim
+    else:
+        qk = v = a.head_dim or m.d_model // m.n_heads
+    return 6.0 * n_active + 6.0 * m.n_layers * m.n_heads * seq_len * (qk + v)

