@@ -81,7 +81,8 @@ class MoEConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = doc(200, "optimizer steps")
+    steps: int = doc(200, "optimizer steps (the schedule spans them)")
+    stop_after: Optional[int] = doc(None, "end this run after this step (a checkpoint is written); resume continues")
     micro_batch: int = doc(8, "sequences per micro-batch per rank")
     grad_accum: int = doc(1, "micro-batches per optimizer step")
     seq_len: int = doc(128, "tokens per sequence")
@@ -122,8 +123,8 @@ class DataConfig:
 class ParallelConfig:
     ep: int = doc(1, "expert-parallel size; world = edp * ep")
     ddp_bucket_mb: int = doc(25, "DDP gradient bucket size in MB")
-    activation_checkpointing: Literal["none", "full", "every_n", "moe_only", "attention_only", "selective"] = doc(
-        "none", "activation-checkpointing policy")
+    activation_checkpointing: Literal["none", "full", "every_n"] = doc(
+        "none", "recompute blocks in backward: none, full (every block) or every_n")
     ac_every_n: int = doc(2, "every_n policy: checkpoint one block in n")
     reshard_after_forward: bool = doc(True, "FSDP2: free the gathered parameters after forward")
     cpu_offload: bool = doc(False, "FSDP2: keep parameters and optimizer state on the CPU")

@@ -116,11 +116,14 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx_BS: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int = 0, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """Sample a continuation (full recompute per token: simple, and fine at sample sizes)."""
+                 top_k: int = 0, generator: Optional[torch.Generator] = None,
+                 vocab_limit: Optional[int] = None) -> torch.Tensor:
+        """Sample a continuation (full recompute per token: simple, and fine at sample sizes).
+
+        `vocab_limit`: the tokenizer's real vocabulary; padding ids beyond it are never sampled."""
         for _ in range(max_new_tokens):
             window = idx_BS[:, -self.cfg.model.max_seq_len:]
-            logits = self(window).logits[:, -1, :].float()
+            logits = self(window).logits[:, -1, :vocab_limit].float()
             if temperature <= 0:
                 nxt = logits.argmax(-1, keepdim=True)
             else:

@@ -1,0 +1,183 @@
+"""Batches of (input, next-token target) rows for training and evaluation.
+
+`TokenBatches` reads a prepared token array and makes each batch a pure function of its index, so
+resuming is just passing the same index again, and a batch at world size W is exactly the world=1
+batch of W times the rows, split between ranks. `StreamingBatches` tokenizes a document stream on
+the fly for corpora that are never prepared (hf streaming), with a small resumable state.
+"""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+
+from dsmoe.data.tokenizer import Tokenizer
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def _check_layout(seq_len: int, micro_batch: int, rank: int, world: int) -> None:
+    if seq_len < 1 or micro_batch < 1:
+        raise ValueError(f"seq_len ({seq_len}) and micro_batch ({micro_batch}) must be positive")
+    if not 0 <= rank < world:
+        raise ValueError(f"rank must be in [0, world={world}), got {rank}")
+
+
+def _windows_in(n_tokens: int, seq_len: int) -> int:
+    """Non-overlapping windows of seq_len + 1 tokens at stride seq_len (each target row's last
+    token is the next window's first input token)."""
+    return max(n_tokens - 1, 0) // seq_len
+
+
+def _gather(tokens: np.ndarray, windows: np.ndarray, seq_len: int) -> Batch:
+    starts = windows.astype(np.int64) * seq_len
+    rows = np.asarray(tokens[starts[:, None] + np.arange(seq_len + 1)], dtype=np.int64)
+    rows = torch.from_numpy(rows)
+    return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+
+
+def _warn_on_changes(owner: str, saved: dict, current: dict) -> None:
+    changed = {key: (saved[key], current[key]) for key in current if key in saved and saved[key] != current[key]}
+    if changed:
+        details = ", ".join(f"{key} {old} -> {new}" for key, (old, new) in changed.items())
+        warnings.warn(f"{owner}: resuming with {details}; the data order will differ from the "
+                      f"uninterrupted run", stacklevel=3)
+
+
+class TokenBatches:
+    """Random-order windows over a 1-D token array, sharded across ranks.
+
+    Window positions p = 0, 1, 2, ... run over epochs: position p is window
+    perm(epoch = p // windows_per_epoch)[p % windows_per_epoch], with perm a permutation drawn from
+    a generator seeded with seed + epoch. Global batch `index` holds positions
+    [index * world * micro_batch, (index + 1) * world * micro_batch); rank r takes its r-th slice of
+    micro_batch rows.
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, micro_batch: int, *, rank: int = 0,
+                 world: int = 1, seed: int = 0) -> None:
+        _check_layout(seq_len, micro_batch, rank, world)
+        if tokens.ndim != 1:
+            raise ValueError(f"tokens must be a 1-D array, got shape {tokens.shape}")
+        self.tokens = tokens
+        self.seq_len, self.micro_batch, self.rank, self.world, self.seed = seq_len, micro_batch, rank, world, seed
+        self.windows_per_epoch = _windows_in(len(tokens), seq_len)
+        if self.windows_per_epoch < 1:
+            raise ValueError(f"the token stream has {len(tokens)} tokens, fewer than one window of "
+                             f"seq_len + 1 = {seq_len + 1}; use a shorter seq_len or more data")
+        self._permutations: dict[int, np.ndarray] = {}
+
+    @property
+    def global_batch(self) -> int:
+        return self.world * self.micro_batch
+
+    def epoch_of(self, index: int) -> int:
+        """The epoch the first row of global batch `index` comes from."""
+        return index * self.global_batch // self.windows_per_epoch
+
+    def batch(self, index: int) -> Batch:
+        """This rank's (x, y) of global batch `index`: int64 tensors [micro_batch, seq_len]."""
+        if index < 0:
+            raise ValueError(f"batch index must be >= 0, got {index}")
+        first = (index * self.world + self.rank) * self.micro_batch
+        positions = np.arange(first, first + self.micro_batch, dtype=np.int64)
+        epochs, offsets = np.divmod(positions, self.windows_per_epoch)
+        windows = np.empty_like(positions)
+        for epoch in np.unique(epochs):  # one epoch, or two when the batch straddles a boundary
+            mask = epochs == epoch
+            windows[mask] = self._permutation(int(epoch))[offsets[mask]]
+        return _gather(self.tokens, windows, self.seq_len)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch not in self._permutations:
+            if len(self._permutations) >= 2:  # a batch needs at most two epochs
+                self._permutations.pop(next(iter(self._permutations)))
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            self._permutations[epoch] = torch.randperm(self.windows_per_epoch, generator=generator).numpy()
+        return self._permutations[epoch]
+
+    def state_dict(self) -> dict:
+        """The position is the index the trainer passes; this only records what fixes the order."""
+        return {"seed": self.seed, "seq_len": self.seq_len, "global_batch": self.global_batch,
+                "windows_per_epoch": self.windows_per_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        _warn_on_changes("TokenBatches", state, self.state_dict())
+
+
+class StreamingBatches:
+    """Tokenize documents as they arrive, pack them with end-of-text, and yield (x, y) batches.
+
+    Document i goes to rank i % world, so ranks read disjoint documents from the same stream.
+    Rows are consecutive windows at stride seq_len over this rank's packed tokens. Ranks may run
+    out of documents at different batches; give them an endless (or repeated) stream.
+
+    Resuming: build a new instance over a fresh iterator of the same documents, call
+    load_state_dict with the saved state, and iterate; the consumed documents are skipped without
+    tokenizing them, and the batches continue exactly where the saved run stopped.
+    """
+
+    def __init__(self, documents: Iterable[str], tokenizer: Tokenizer, seq_len: int, micro_batch: int,
+                 *, rank: int = 0, world: int = 1) -> None:
+        _check_layout(seq_len, micro_batch, rank, world)
+        self._documents = documents
+        self.tokenizer = tokenizer
+        self.seq_len, self.micro_batch, self.rank, self.world = seq_len, micro_batch, rank, world
+        self.documents_consumed = 0  # documents taken from the stream, every rank's included
+        self._carry = np.empty(0, dtype=np.int64)  # this rank's tokens not yet emitted
+
+    def __iter__(self) -> Iterator[Batch]:
+        documents = iter(self._documents)
+        skipped = sum(1 for _ in itertools.islice(documents, self.documents_consumed))
+        if skipped < self.documents_consumed:
+            raise ValueError(f"the document stream ended after {skipped} documents, but the saved state "
+                             f"had consumed {self.documents_consumed}; resume over the same source")
+        needed = self.micro_batch * self.seq_len + 1
+        shape = (self.micro_batch, self.seq_len)
+        while True:
+            while len(self._carry) >= needed:
+                window = torch.from_numpy(self._carry[:needed].copy())
+                # The last token of this batch's targets is the first input of the next batch.
+                self._carry = self._carry[needed - 1:]
+                yield window[:-1].view(shape), window[1:].view(shape)
+            document = next(documents, None)
+            if document is None:
+                return
+            is_mine = self.documents_consumed % self.world == self.rank
+            self.documents_consumed += 1
+            if is_mine:
+                tokens = self.tokenizer.encode(document) + [self.tokenizer.eot_id]
+                self._carry = np.concatenate([self._carry, np.asarray(tokens, dtype=np.int64)])
+
+    def state_dict(self) -> dict:
+        """Primitives and a tensor only, so torch.load(weights_only=True) reads it back."""
+        return {"documents_consumed": self.documents_consumed, "carry": torch.from_numpy(self._carry.copy()),
+                "rank": self.rank, "world": self.world, "seq_len": self.seq_len,
+                "micro_batch": self.micro_batch}
+
+    def load_state_dict(self, state: dict) -> None:
+        _warn_on_changes("StreamingBatches", state, {"rank": self.rank, "world": self.world,
+                                                     "seq_len": self.seq_len, "micro_batch": self.micro_batch})
+        self.documents_consumed = int(state["documents_consumed"])
+        self._carry = torch.as_tensor(state["carry"], dtype=torch.int64).numpy().copy()
+
+
+def val_batches(val_tokens: np.ndarray, seq_len: int, micro_batch: int, n_batches: int) -> list[Batch]:
+    """A fixed list of up to `n_batches` evaluation batches from evenly spaced windows, the same on
+    every call and every rank (fewer when the split holds fewer windows)."""
+    _check_layout(seq_len, micro_batch, 0, 1)
+    if n_batches < 1:
+        raise ValueError(f"n_batches must be positive, got {n_batches}")
+    n_windows = _windows_in(len(val_tokens), seq_len)
+    n_batches = min(n_batches, n_windows // micro_batch)
+    if n_batches == 0:
+        raise ValueError(f"the validation split has {len(val_tokens)} tokens, fewer than micro_batch "
+                         f"({micro_batch}) windows of seq_len + 1 = {seq_len + 1}; raise val_fraction "
+                         f"or lower seq_len / micro_batch")
+    count = n_batches * micro_batch
+    x, y = _gather(val_tokens, np.arange(count, dtype=np.int64) * n_windows // count, seq_len)
+    return [(x[i:i + micro_batch], y[i:i + micro_batch]) for i in range(0, count, micro_batch)]

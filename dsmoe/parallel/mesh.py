@@ -1,0 +1,91 @@
+"""The process layout: world = edp x ep, its process groups, the backend and the device.
+
+EP groups are contiguous ranks (rank = edp_index * ep + ep_index) so an all-to-all stays inside a
+node whenever ep <= GPUs per node.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from dsmoe.config import ConfigError
+
+
+@dataclass
+class Mesh:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    ep: int = 1
+    device: torch.device = torch.device("cpu")
+    ep_group: Optional[dist.ProcessGroup] = None  # ranks holding different experts of one replica
+    edp_group: Optional[dist.ProcessGroup] = None  # ranks holding the same experts
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    @property
+    def edp(self) -> int:
+        return self.world // self.ep
+
+    @property
+    def ep_rank(self) -> int:
+        return self.rank % self.ep
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def pick_device(requested: str, local_rank: int) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(requested)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"train.device={requested} but no CUDA device is visible: use train.device=cpu")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+    return device
+
+
+def init_mesh(device: str = "auto", ep: int = 1, timeout_s: int = 600) -> Mesh:
+    """Read torchrun's environment, start the process group (NCCL on CUDA, gloo on CPU), build groups."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = pick_device(device, local_rank)
+    if world % ep:
+        raise ConfigError(f"world size {world} is not divisible by parallel.ep={ep}: "
+                          f"launch a multiple of {ep} processes or change parallel.ep")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    mesh = Mesh(rank=rank, world=world, local_rank=local_rank, ep=ep, device=dev)
+    if world == 1:
+        return mesh
+    if not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+    if ep > 1:
+        edp = world // ep
+        for i in range(edp):  # every rank creates every group, in the same order
+            group = dist.new_group(list(range(i * ep, (i + 1) * ep)))
+            if rank // ep == i:
+                mesh.ep_group = group
+        for j in range(ep):
+            group = dist.new_group(list(range(j, world, ep)))
+            if rank % ep == j:
+                mesh.edp_group = group
+    return mesh
+
+
+def shutdown(mesh: Mesh) -> None:
+    if mesh.distributed and dist.is_initialized():
+        dist.destroy_process_group()

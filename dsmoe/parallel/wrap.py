@@ -1,0 +1,38 @@
+"""Wrapping the model for data parallelism, and activation checkpointing of blocks."""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.checkpoint import checkpoint
+
+from dsmoe.config import ParallelConfig
+from dsmoe.parallel.mesh import Mesh
+
+
+def wrap_ddp(model: torch.nn.Module, mesh: Mesh, p: ParallelConfig) -> torch.nn.Module:
+    """DDP over the world. Every expert is in every step's graph, so no find_unused_parameters;
+    the routing bias is updated identically on every rank, so buffers need no broadcast."""
+    if not mesh.distributed:
+        return model
+    return DistributedDataParallel(
+        model,
+        device_ids=[mesh.device.index] if mesh.device.type == "cuda" else None,
+        bucket_cap_mb=p.ddp_bucket_mb,
+        gradient_as_bucket_view=True,
+        broadcast_buffers=False,
+    )
+
+
+def block_fn_for(p: ParallelConfig) -> Optional[Callable]:
+    """How the model runs each block: plainly, or recomputed in backward (non-reentrant)."""
+    if p.activation_checkpointing == "none":
+        return None
+
+    def run(block, x):
+        if p.activation_checkpointing == "full" or block.layer % p.ac_every_n == 0:
+            return checkpoint(block, x, use_reentrant=False)
+        return block(x)
+
+    return run

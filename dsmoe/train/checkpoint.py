@@ -1,0 +1,125 @@
+"""Single-file checkpoints: everything needed to continue, atomic writes, keep-last-K, strict loads.
+
+A checkpoint holds only tensors and primitives, so `torch.load(path, weights_only=True)` reads it.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+FORMAT = "dsmoe-checkpoint-v1"
+NAME = re.compile(r"^step_(\d+)\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message says why and what to do."""
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def checkpoint_path(run_dir: str | Path, step: int) -> Path:
+    return checkpoint_dir(run_dir) / f"step_{step:07d}.pt"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary files of interrupted writes are ignored)."""
+    d = checkpoint_dir(run_dir)
+    found = [p for p in d.glob("step_*.pt") if NAME.match(p.name)] if d.is_dir() else []
+    return sorted(found, key=lambda p: int(NAME.match(p.name).group(1)))
+
+
+def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(state: dict, path: str | Path, keep_last: Optional[int] = None) -> Path:
+    """Write to a temporary name, fsync, rename: a crash mid-save leaves the previous file intact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save({"format": FORMAT, **state}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    if keep_last:
+        for old in list_checkpoints(path.parent.parent)[:-keep_last]:
+            old.unlink(missing_ok=True)
+    return path
+
+
+def resolve_resume(resume: Optional[str], run_dir: str | Path) -> Optional[Path]:
+    """`auto` -> the newest complete checkpoint in the run directory (None on a fresh run)."""
+    if resume in (None, "", "none"):
+        return None
+    if resume == "auto":
+        return latest_checkpoint(run_dir)
+    path = Path(resume)
+    if not path.is_file():
+        hint = latest_checkpoint(run_dir)
+        raise CheckpointError(f"checkpoint '{path}' does not exist"
+                              + (f"; the newest in {run_dir} is {hint}" if hint else "")
+                              + " (use --resume auto to take the newest one, or omit --resume to start fresh)")
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint '{path}' does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, bad pickle, wrong file: all unusable
+        raise CheckpointError(f"checkpoint '{path}' is truncated or corrupt ({type(e).__name__}: {e}); "
+                              f"resume from an earlier checkpoint in {path.parent}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"'{path}' is not a dsmoe checkpoint (format {state.get('format') if isinstance(state, dict) else type(state).__name__})")
+    return state
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_compatible(state: dict, model_sections: dict, model_state: dict, path: str | Path) -> None:
+    """Refuse a checkpoint of another model, naming the changed config fields and mismatched tensors."""
+    saved = _flatten({k: state["config"][k] for k in model_sections if k in state["config"]})
+    now = _flatten(model_sections)
+    changed = [f"{k}: checkpoint {saved.get(k)!r} vs config {now.get(k)!r}"
+               for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k) and k != "model.name"]
+    ckpt_tensors = state["model"]
+    mismatched = [f"{k}: checkpoint {tuple(ckpt_tensors[k].shape)} vs model {tuple(v.shape)}"
+                  for k, v in model_state.items() if k in ckpt_tensors and ckpt_tensors[k].shape != v.shape]
+    missing = sorted(set(model_state) - set(ckpt_tensors))
+    unexpected = sorted(set(ckpt_tensors) - set(model_state))
+    if changed or mismatched or missing or unexpected:
+        lines = [f"checkpoint '{path}' belongs to another model:"]
+        lines += [f"  config changed  {c}" for c in changed]
+        lines += [f"  shape mismatch  {m}" for m in mismatched[:20]]
+        lines += [f"  missing tensor  {m}" for m in missing[:20]]
+        lines += [f"  extra tensor    {u}" for u in unexpected[:20]]
+        lines.append("  fix: resume with the config the checkpoint was trained with (stored in it), "
+                     "or start a fresh run in another run.dir")
+        raise CheckpointError("\n".join(lines))

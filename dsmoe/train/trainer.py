@@ -1,0 +1,295 @@
+"""The training loop: data, model, AdamW, precision, balance, validation, samples, checkpoints, logs."""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+from typing import Optional
+
+import psutil
+import torch
+import torch.distributed as dist
+
+from dsmoe.config import Config, ConfigError, dump_yaml
+from dsmoe.data import TokenBatches, ensure_prepared, get_tokenizer, load_prepared, padded_vocab_size, val_batches
+from dsmoe.metrics.logger import RunLogger, fmt_tokens
+from dsmoe.model import Transformer, flops_per_token, param_breakdown, update_expert_bias
+from dsmoe.params import fmt_count
+from dsmoe.parallel.mesh import Mesh, init_mesh
+from dsmoe.parallel.wrap import block_fn_for, wrap_ddp
+from dsmoe.train.checkpoint import (check_compatible, checkpoint_path, load_checkpoint, resolve_resume,
+                                    save_checkpoint)
+from dsmoe.train.optim import build_optimizer, clip_grad_norm, lr_at
+from dsmoe.train.precision import autocast, grad_scaler, resolve_precision
+
+
+class Trainer:
+    def __init__(self, cfg: Config, resume: Optional[str] = None, mesh: Optional[Mesh] = None):
+        self.cfg = cfg
+        t = cfg.train
+        self.mesh = mesh or init_mesh(t.device, cfg.parallel.ep, cfg.parallel.timeout_s)
+        self.device = self.mesh.device
+        self.run_dir = Path(cfg.run.dir)
+        self.precision = resolve_precision(t.precision, self.device)
+        self.tokenizer = get_tokenizer(cfg.data.tokenizer)
+        self.vocab_size = cfg.model.vocab_size or padded_vocab_size(self.tokenizer.vocab_size)
+        if self.vocab_size < self.tokenizer.vocab_size:
+            raise ConfigError(f"model.vocab_size={self.vocab_size} is smaller than the tokenizer's "
+                              f"{self.tokenizer.vocab_size} ({cfg.data.tokenizer}): raise it or set it to null")
+        self._load_data()
+
+        torch.manual_seed(t.seed)  # same init on every rank
+        self.model = Transformer(cfg, self.vocab_size).to(self.device)
+        self.optimizer = build_optimizer(self.model, t)
+        self.scaler = grad_scaler(self.precision, self.device)
+        self.block_fn = block_fn_for(cfg.parallel)
+        self.step = 0  # optimizer steps taken
+        self.sched_step = 0  # steps that advanced the LR schedule (fp16 overflow skips do not)
+        self.batches_consumed = 0  # micro-batch index into the data order
+        self.tokens_seen = 0
+        self.skipped_overflow = 0
+        self.resumed_from = resolve_resume(resume, self.run_dir)
+        if self.resumed_from is not None:
+            self._restore(self.resumed_from)
+        self.wrapped = wrap_ddp(self.model, self.mesh, cfg.parallel)
+        self.tokens_per_step = self.mesh.world * t.micro_batch * t.grad_accum * t.seq_len
+        self.flops_per_token = flops_per_token(self.model, t.seq_len)
+
+    # ------------------------------------------------------------------------- set-up
+
+    def _load_data(self) -> None:
+        d, t = self.cfg.data, self.cfg.train
+        options = dict(val_fraction=d.val_fraction, hf_config=d.hf_config, split=d.split, text_field=d.text_field)
+        if self.mesh.is_main:  # one rank tokenizes; the others wait and read the same files
+            data_dir = ensure_prepared(d.source, d.tokenizer, cache_root=d.cache_dir, **options)
+        if self.mesh.distributed:
+            dist.barrier()
+        if not self.mesh.is_main:
+            data_dir = ensure_prepared(d.source, d.tokenizer, cache_root=d.cache_dir, **options)
+        self.data_dir = data_dir
+        self.data_meta, train_tokens, val_tokens = load_prepared(data_dir)
+        m = self.mesh
+        self.batches = TokenBatches(train_tokens, t.seq_len, t.micro_batch, rank=m.rank, world=m.world, seed=t.seed)
+        self.val = []
+        if t.eval_every and len(val_tokens) > t.seq_len + 1:
+            all_val = val_batches(val_tokens, t.seq_len, t.micro_batch, t.eval_batches)
+            self.val = all_val[m.rank::m.world]
+
+    def _restore(self, path: Path) -> None:
+        state = load_checkpoint(path)
+        check_compatible(state, self.cfg.model_dict(), self.model.state_dict(), path)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        for key in ("step", "sched_step", "batches_consumed", "tokens_seen", "skipped_overflow"):
+            setattr(self, key, int(state["progress"][key]))
+        rng = state["rng"]
+        if self.mesh.rank < rng["cpu"].shape[0]:  # a rank beyond the saved world keeps its seeded state
+            torch.set_rng_state(rng["cpu"][self.mesh.rank])
+            if self.device.type == "cuda" and "cuda" in rng and self.mesh.rank < rng["cuda"].shape[0]:
+                torch.cuda.set_rng_state(rng["cuda"][self.mesh.rank], self.device)
+
+    def _gather_rng(self) -> dict:
+        """Every rank's RNG states as [world, n] uint8 tensors (all ranks take part)."""
+        out = {}
+        states = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            states["cuda"] = torch.cuda.get_rng_state(self.device)
+        for name, s in states.items():
+            if self.mesh.distributed:
+                comm = s.to(self.device) if self.device.type == "cuda" else s
+                parts = [torch.empty_like(comm) for _ in range(self.mesh.world)]
+                dist.all_gather(parts, comm)
+                out[name] = torch.stack([p.cpu() for p in parts])
+            else:
+                out[name] = s[None]
+        return out
+
+    # ------------------------------------------------------------------------- steps
+
+    def train_step(self) -> dict:
+        t = self.cfg.train
+        self.wrapped.train()
+        lr = lr_at(self.sched_step, t)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=self.device)
+        counts = dropped = None
+        for micro in range(t.grad_accum):
+            x, y = self.batches.batch(self.batches_consumed)
+            self.batches_consumed += 1
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            last = micro == t.grad_accum - 1
+            # gradients are all-reduced once per optimizer step, on the last micro-batch
+            sync = contextlib.nullcontext() if last or not self.mesh.distributed else self.wrapped.no_sync()
+            with sync:
+                with autocast(self.precision, self.device):
+                    out = self.wrapped(x, y, block_fn=self.block_fn)
+                self.scaler.scale(out.loss / t.grad_accum).backward()
+            loss_sum += out.ce_loss.detach()
+            if out.expert_counts is not None:
+                counts = out.expert_counts if counts is None else counts + out.expert_counts
+                dropped = out.dropped if dropped is None else dropped + out.dropped
+
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = clip_grad_norm([(list(self.model.parameters()), None)], t.grad_clip)
+        scale_before = self.scaler.get_scale()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        overflow = self.precision == "fp16" and self.scaler.get_scale() < scale_before
+        if counts is not None and self.mesh.distributed:
+            dist.all_reduce(counts)  # the bias must stay identical on every rank
+            dist.all_reduce(dropped)
+        if overflow:
+            self.skipped_overflow += 1
+        else:
+            self.sched_step += 1
+            if counts is not None and self.cfg.moe.bias_update_rate > 0:
+                for moe, layer_counts in zip(self.model.moe_modules(), counts):
+                    update_expert_bias(moe.router, layer_counts, self.cfg.moe.bias_update_rate)
+        self.step += 1
+        self.tokens_seen += self.tokens_per_step
+        return {"loss_sum": loss_sum, "grad_norm": grad_norm, "lr": lr, "counts": counts, "dropped": dropped}
+
+    @torch.no_grad()
+    def evaluate(self) -> Optional[dict]:
+        if not self.val:
+            return None
+        self.model.eval()
+        total = torch.zeros(2, device=self.device)
+        for x, y in self.val:
+            with autocast(self.precision, self.device):
+                out = self.model(x.to(self.device), y.to(self.device))
+            total += torch.stack([out.ce_loss.float(), torch.ones((), device=self.device)])
+        if self.mesh.distributed:
+            dist.all_reduce(total)
+        loss = (total[0] / total[1]).item()
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50))}
+
+    @torch.no_grad()
+    def sample(self, prompts: Optional[list[str]] = None) -> list[dict]:
+        t = self.cfg.train
+        self.model.eval()
+        gen = torch.Generator(device=self.device).manual_seed(t.seed + self.step)  # leaves the global RNG alone
+        results = []
+        for prompt in prompts or t.sample_prompts:
+            ids = self.tokenizer.encode(prompt) or [self.tokenizer.eot_id]
+            idx = torch.tensor([ids], device=self.device)
+            with autocast(self.precision, self.device):
+                out = self.model.generate(idx, t.sample_tokens, t.temperature, t.sample_top_k, generator=gen,
+                                          vocab_limit=self.tokenizer.vocab_size)
+            results.append({"step": self.step, "prompt": prompt,
+                            "text": self.tokenizer.decode(out[0, len(ids):].tolist())})
+        return results
+
+    def checkpoint_state(self) -> dict:
+        """The full state to continue from; every rank must call it (RNG states are gathered)."""
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "progress": {"step": self.step, "sched_step": self.sched_step, "batches_consumed": self.batches_consumed,
+                         "tokens_seen": self.tokens_seen, "skipped_overflow": self.skipped_overflow},
+            "rng": self._gather_rng(),
+            "config": self.cfg.to_dict(),
+            "layout": {"world": self.mesh.world, "ep": self.mesh.ep},
+            "data": {"tokenizer": self.cfg.data.tokenizer, "vocab_size": self.vocab_size,
+                     "source": self.cfg.data.source},
+        }
+
+    def save(self) -> Optional[Path]:
+        state = self.checkpoint_state()
+        path = None
+        if self.mesh.is_main:
+            path = save_checkpoint(state, checkpoint_path(self.run_dir, self.step), self.cfg.checkpoint.keep_last)
+        if self.mesh.distributed:
+            dist.barrier()  # nobody races ahead of a checkpoint that is still being written
+        return path
+
+    # ------------------------------------------------------------------------- the run
+
+    def header(self) -> dict:
+        b = param_breakdown(self.model)
+        t, m = self.cfg.train, self.mesh
+        return {
+            "model": f"{self.cfg.model.name} ({self.cfg.attention.kind}, {self.cfg.moe.n_routed_experts} routed "
+                     f"+ {self.cfg.moe.n_shared_experts} shared, top-{self.cfg.moe.top_k})",
+            "parameters": f"{fmt_count(b['total'])} total, {fmt_count(b['active'])} active per token",
+            "layout": f"world {m.world} (edp {m.edp} x ep {m.ep}) on {self.device}",
+            "precision": self.precision,
+            "tokens / step": f"{fmt_tokens(self.tokens_per_step)} = {m.world} ranks x {t.micro_batch} x "
+                             f"{t.grad_accum} accum x {t.seq_len}",
+            "data": f"{self.cfg.data.source} ({self.cfg.data.tokenizer}, vocab {self.vocab_size}, "
+                    f"{fmt_tokens(self.data_meta['train_tokens'])} train tokens)",
+            "run dir": str(self.run_dir),
+            "resumed from": str(self.resumed_from) if self.resumed_from else "-",
+        }
+
+    def fit(self) -> dict:
+        cfg, t = self.cfg, self.cfg.train
+        end = min(t.steps, t.stop_after) if t.stop_after is not None else t.steps
+        log = RunLogger(self.run_dir, self.mesh.rank, t.steps, cfg.log.rich, start_step=self.step)
+        if self.mesh.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
+        log.header(self.header())
+        history = []
+        last = {"step": self.step, "time": time.perf_counter()}
+        try:
+            while self.step < end:
+                stats = self.train_step()
+                log.advance(self.step)
+                if self.step % t.log_every == 0 or self.step == end:
+                    row = self._log_row(stats, last)
+                    history.append(row)
+                    log.log(row)
+                    last = {"step": self.step, "time": time.perf_counter()}
+                if t.eval_every and (self.step % t.eval_every == 0 or self.step == end):
+                    val = self.evaluate()
+                    if val:
+                        log.log({"step": self.step, **val})
+                        history.append({"step": self.step, **val})
+                if self.mesh.is_main and t.sample_every and (self.step % t.sample_every == 0 or self.step == end):
+                    self._write_samples(self.sample(), log)
+                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step != end:
+                    self.save()
+            if cfg.checkpoint.save_final:
+                path = self.save()
+                if path:
+                    log.print(f"checkpoint: {path}")
+        finally:
+            log.close()
+        return {"history": history, "step": self.step}
+
+    def _log_row(self, stats: dict, last: dict) -> dict:
+        loss = stats["loss_sum"] / self.cfg.train.grad_accum
+        if self.mesh.distributed:
+            dist.all_reduce(loss)
+            loss = loss / self.mesh.world
+        elapsed = time.perf_counter() - last["time"]
+        steps = self.step - last["step"]
+        row = {"step": self.step, "loss": loss.item(), "lr": stats["lr"], "grad_norm": stats["grad_norm"].item(),
+               "tokens_seen": self.tokens_seen, "step_time_s": elapsed / max(steps, 1),
+               "tokens_per_s": self.tokens_per_step * steps / max(elapsed, 1e-9)}
+        if self.device.type == "cuda":
+            row["mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        row["rss_gb"] = psutil.Process().memory_info().rss / 2**30
+        if stats["counts"] is not None:
+            counts = stats["counts"].float()
+            per_layer = counts.max(-1).values / counts.mean(-1).clamp(min=1e-9)
+            row["expert_imbalance"] = per_layer.max().item()  # the worst layer
+            row["dropped_frac"] = (stats["dropped"].sum() / counts.sum().clamp(min=1)).item()
+            biases = torch.stack([m.router.expert_bias for m in self.model.moe_modules()])
+            row["bias_range"] = (biases.max() - biases.min()).item()
+        if self.skipped_overflow:
+            row["skipped_overflow"] = self.skipped_overflow
+        return row
+
+    def _write_samples(self, samples: list[dict], log: RunLogger) -> None:
+        with open(self.run_dir / "samples.jsonl", "a") as f:
+            for s in samples:
+                f.write(json.dumps(s) + "\n")
+                log.print(f"sample @ {s['step']}: {s['prompt']}{s['text']!r}", style="green")

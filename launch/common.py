@@ -1,0 +1,47 @@
+"""Argument handling shared by the launchers: --config, --resume, --dry-run, --section.field=value."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as `python launch/x.py` from a checkout
+    sys.path.insert(0, str(REPO))
+
+from dsmoe.config import CONFIG_ROOT, ConfigError, help_text, load_config  # noqa: E402
+
+DEFAULT_CONFIG = CONFIG_ROOT / "runs" / "tiny-shakespeare.yaml"
+
+
+def parse_args(argv: list[str], description: str):
+    parser = argparse.ArgumentParser(description=description, add_help=False,
+                                     epilog="any config field: --section.field=value (--help-config lists them)")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="run / preset / hardware YAML file")
+    parser.add_argument("--resume", default=None, help="checkpoint path, or 'auto' for the newest in run.dir")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and exit without training")
+    parser.add_argument("-h", "--help", action="store_true")
+    parser.add_argument("--help-config", action="store_true", help="list every config field")
+    args, rest = parser.parse_known_args(argv)
+    if args.help:
+        parser.print_help()
+        sys.exit(0)
+    if args.help_config:
+        print(help_text())
+        sys.exit(0)
+    try:
+        cfg = load_config(args.config, rest)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        sys.exit(2)
+    return args, cfg
+
+
+def set_cpu_threads() -> None:
+    """Share the cores between the processes torchrun started on this machine."""
+    import torch
+
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if local_world > 1 and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
