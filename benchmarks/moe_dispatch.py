@@ -4,7 +4,7 @@ against a dense SwiGLU FFN with the same active FLOPs.
     python benchmarks/moe_dispatch.py                          # 8192 tokens, fp32 on CPU / bf16 on CUDA
     python benchmarks/moe_dispatch.py --quick                  # 2048 tokens, few iterations (make bench, CI)
     python benchmarks/moe_dispatch.py --device cuda --dtype bf16 --tokens 16384 --iters 50
-    python benchmarks/moe_dispatch.py --device cpu --dtype fp32 --warmup 1 --iters 3
+    python benchmarks/moe_dispatch.py --device cpu --threads 1 --shapes fine-grained-768x64
 
 One `dsmoe.model.moe.MoE` layer (router + LocalDispatcher dispatch + routed experts + combine +
 shared expert) runs on an input [1, tokens, d] that requires grad; the backward is
@@ -13,11 +13,14 @@ reference) and "grouped", and compared with a dense `SwiGLU(d, (top_k + n_shared
 which does the same active FLOPs. Shapes: the smollm2-moe-576x30 layer (d 576, 8 routed + 1 shared
 experts of 1536, top-2) and a fine-grained one (d 768, 64 routed + 1 shared experts of 384, top-6).
 Weights are N(0, 0.02) and the routing bias is zero, so routing is roughly balanced; the measured
-max/mean expert load is reported. With --dtype bf16 the step runs under torch.autocast.
+max/mean expert load is reported. With --dtype bf16 the step runs under torch.autocast. The three
+impls are timed round-robin (dense, loop, grouped, dense, ...) so a drifting host load hits them alike;
+with --quick on CPU the loop reference is timed once (it is the slow one there).
 
 Goals: routing overhead (MoE grouped / dense) <= 1.5 on CPU, <= 1.25 on GPU; grouped >= 3x loop on
 GPU. The table is printed with rich and the numbers go to
-benchmarks/results/moe_dispatch[-quick]-<device>-<date>.json.
+benchmarks/results/moe_dispatch-<device>-<date>.json (moe_dispatch-quick-... for --quick, so a smoke
+run never overwrites the day's full run).
 
 Single process only for now; `main()` branches on WORLD_SIZE so a torchrun all-to-all mode can be added.
 """
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -47,6 +51,7 @@ IMPLS = ("dense", "loop", "grouped")
 GOAL_OVERHEAD = {"cpu": 1.5, "cuda": 1.25}  # MoE grouped / dense, fwd+bwd
 GOAL_GROUPED_SPEEDUP_GPU = 3.0  # loop / grouped, on GPU only
 INIT_STD = 0.02
+PRIME_TOKENS = 256  # a short first step per impl: initialises every code path cheaply
 SEED = 1234
 
 
@@ -54,13 +59,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=None, help="tokens per step (default 8192; 2048 with --quick)")
-    p.add_argument("--iters", type=int, default=None, help="timed iterations (default: 3 on CPU, 20 on CUDA)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed iterations first (default: 1 on CPU, 5 on CUDA)")
+    p.add_argument("--iters", type=int, default=None,
+                   help="timed steps per impl, interleaved (default: 3 on CPU, 20 on CUDA; 2 / 5 with --quick)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed full-size steps per impl first (default: 1 on CPU, 5 on CUDA; 0 / 2 with --quick)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default=None,
                    help="fp32, or bf16 autocast (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
     p.add_argument("--shapes", nargs="+", choices=tuple(SHAPES), default=list(SHAPES), help="shapes to run")
-    p.add_argument("--quick", action="store_true", help="2048 tokens, few iterations: a smoke run in well under a minute")
+    p.add_argument("--loop-iters", type=int, default=None,
+                   help="timed steps of the loop reference (default: --iters; 1 with --quick on CPU, where the "
+                        "fine-grained loop is tens of times slower than everything else)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU: torch intra-op threads (default: torch's choice, usually one per core)")
+    p.add_argument("--quick", action="store_true",
+                   help="2048 tokens, few iterations: a smoke run in well under a minute")
     p.add_argument("--no-save", action="store_true", help="print the table only, write no JSON")
     args = p.parse_args(argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -68,11 +81,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--device cuda: no CUDA device is visible")
     gpu = args.device == "cuda"
     args.dtype = args.dtype or ("bf16" if gpu else "fp32")
-    defaults = {(False, False): (8192, 1, 3), (False, True): (2048, 1, 2),
+    defaults = {(False, False): (8192, 1, 3), (False, True): (2048, 0, 2),
                 (True, False): (8192, 5, 20), (True, True): (2048, 2, 5)}[(gpu, args.quick)]
     args.tokens = args.tokens or defaults[0]
     args.warmup = defaults[1] if args.warmup is None else args.warmup
     args.iters = args.iters or defaults[2]
+    args.loop_iters = min(args.iters, args.loop_iters or (1 if args.quick and not gpu else args.iters))
     return args
 
 
@@ -113,60 +127,84 @@ def grouped_backend(model: MoE, x: torch.Tensor, dtype: torch.dtype) -> str:
     ok = getattr(experts, "_grouped_ok", None)
     if ok is None:
         return "unknown"
-    return "grouped_mm" if ok(probe) else "loop (grouped_mm unavailable here)"
+    return "grouped_mm" if ok(probe) else "loop fallback (no usable grouped_mm)"
+
+
+def make_step(model: torch.nn.Module, x: torch.Tensor, g: torch.Tensor, autocast_dtype):
+    """One training-like step: fresh gradients (as after zero_grad(set_to_none=True)), fwd, (y*g).sum() bwd."""
+    params = list(model.parameters())
+
+    def step():
+        for p in params:
+            p.grad = None
+        x.grad = None
+        with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            y = model(x)
+            y = y[0] if isinstance(y, tuple) else y
+        (y.float() * g).sum().backward()
+    return step
 
 
 def bench_shape(name: str, shape: dict, args, device: torch.device) -> list[dict]:
+    """Time dense, loop and grouped on the same input, interleaved round by round.
+
+    Interleaving keeps the ratios fair when the host's load drifts (shared CI runners, laptops):
+    every impl sees the same slice of time. A short step at PRIME_TOKENS first initialises each code
+    path (kernels, oneDNN primitives, the grouped_mm fallback check) without costing a full step.
+    """
     autocast_dtype = torch.bfloat16 if args.dtype == "bf16" else None
     compute_dtype = autocast_dtype or torch.float32
     gen = torch.Generator().manual_seed(SEED + 1)
     d = shape["d_model"]
-    x = (torch.randn(1, args.tokens, d, generator=gen)).to(device).requires_grad_(True)
+    x = torch.randn(1, args.tokens, d, generator=gen).to(device).requires_grad_(True)
     g = torch.randn(1, args.tokens, d, generator=gen).to(device)
+    x_prime = x.detach()[:, :PRIME_TOKENS].clone().requires_grad_(True)
 
-    rows = []
+    models, steps, rows = {}, {}, {}
     for impl in IMPLS:
-        model = build(shape, impl, device)
-        params = list(model.parameters())
-
-        def step():
-            for p in params:
-                p.grad = None
-            x.grad = None
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                y = model(x)
-                y = y[0] if isinstance(y, tuple) else y
-            (y.float() * g).sum().backward()
-
-        row = {"shape": name, "impl": impl, **shape, "tokens": args.tokens}
+        model = models[impl] = build(shape, impl, device)
+        make_step(model, x_prime, g[:, :PRIME_TOKENS], autocast_dtype)()
+        steps[impl] = make_step(model, x, g, autocast_dtype)
+        row = rows[impl] = {"shape": name, "impl": impl, **shape, "tokens": args.tokens}
         if impl == "dense":
             row["dense_hidden"] = model.w_gate.out_features
-        else:
-            with torch.no_grad(), torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                _, routing = model(x)
-            counts = routing.counts.float()
-            row["load_max_over_mean"] = round((counts.max() / counts.mean()).item(), 4)
-            row["load_min_over_mean"] = round((counts.min() / counts.mean()).item(), 4)
-            if impl == "grouped":
-                row["grouped_backend"] = grouped_backend(model, x, compute_dtype)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        row.update(time_fn(step, warmup=args.warmup, iters=args.iters, device=device))
-        if device.type == "cuda":
-            row["peak_mem_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-        if impl == "grouped" and row.get("grouped_backend") == "grouped_mm":
-            # a grouped_mm that raised mid-run was replaced by the loop: say so
-            if (device.type, compute_dtype) in getattr(moe_mod, "_grouped_mm_broken", set()):
-                row["grouped_backend"] = "loop (grouped_mm raised)"
-        row["tokens_per_s"] = args.tokens / (row["median_ms"] / 1e3)
-        rows.append(row)
-        del model, params, step
+            continue
+        with torch.no_grad(), torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            _, routing = model(x)
+        counts = routing.counts.float()
+        row["load_max_over_mean"] = counts.max().item() / counts.mean().item()
+        row["load_min_over_mean"] = counts.min().item() / counts.mean().item()
+        if impl == "grouped":
+            row["grouped_backend"] = grouped_backend(model, x, compute_dtype)
 
-    by_impl = {r["impl"]: r for r in rows}
-    for r in rows:
-        r["ratio_vs_dense"] = r["median_ms"] / by_impl["dense"]["median_ms"]
-    by_impl["grouped"]["speedup_vs_loop"] = by_impl["loop"]["median_ms"] / by_impl["grouped"]["median_ms"]
-    return rows
+    times = {impl: [] for impl in IMPLS}
+    peak_mb = {impl: 0.0 for impl in IMPLS}
+    for impl in IMPLS:
+        for _ in range(args.warmup):
+            steps[impl]()
+    for i in range(args.iters):
+        for impl in IMPLS:
+            if impl == "loop" and i >= args.loop_iters:
+                continue
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+                resident = torch.cuda.memory_allocated(device)  # every model's weights and last grads
+            times[impl] += time_fn(steps[impl], warmup=0, iters=1, device=device)["times_ms"]
+            if device.type == "cuda":  # what this step added on top: activations, gradients, workspaces
+                peak_mb[impl] = max(peak_mb[impl], (torch.cuda.max_memory_allocated(device) - resident) / 2**20)
+
+    for impl, row in rows.items():
+        ts = times[impl]
+        row.update(median_ms=statistics.median(ts), min_ms=min(ts), iters=len(ts), times_ms=ts)
+        row["tokens_per_s"] = args.tokens / (row["median_ms"] / 1e3)
+        if device.type == "cuda":
+            row["step_peak_extra_mb"] = round(peak_mb[impl], 1)
+        if impl == "grouped" and row["grouped_backend"] == "grouped_mm" and \
+                (device.type, compute_dtype) in getattr(moe_mod, "_grouped_mm_broken", set()):
+            row["grouped_backend"] = "loop (grouped_mm raised)"  # it fell back to the loop mid-run
+        row["ratio_vs_dense"] = row["median_ms"] / rows["dense"]["median_ms"]
+    rows["grouped"]["speedup_vs_loop"] = rows["loop"]["median_ms"] / rows["grouped"]["median_ms"]
+    return list(rows.values())
 
 
 def goals(rows: list[dict], device_type: str) -> list[dict]:
@@ -198,7 +236,8 @@ def report(rows: list[dict], goal_rows: list[dict], args, device: torch.device) 
         ])
     print_table(
         f"MoE layer fwd+bwd, {args.tokens} tokens, {args.dtype}, {device_name(device)} "
-        f"(warmup {args.warmup}, median of {args.iters})",
+        f"(warmup {args.warmup}, median of {args.iters}"
+        + (f"; loop: {args.loop_iters}" if args.loop_iters != args.iters else "") + ")",
         ["shape", "impl", "ms fwd+bwd (median)", "min ms", "tokens/s", "vs dense", "grouped vs loop",
          "load max/mean"],
         table_rows)
@@ -209,6 +248,8 @@ def report(rows: list[dict], goal_rows: list[dict], args, device: torch.device) 
 
 def run_single(args) -> dict:
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(SEED)
     rows = []
     for name in args.shapes:
@@ -224,6 +265,8 @@ def run_single(args) -> dict:
         "tokens": args.tokens,
         "warmup": args.warmup,
         "iters": args.iters,
+        "loop_iters": args.loop_iters,
+        "threads": torch.get_num_threads() if device.type == "cpu" else None,
         "quick": args.quick,
         "grouped_mm_fn": getattr(getattr(moe_mod, "_GROUPED_MM", None), "__name__", None),
         "rows": rows,

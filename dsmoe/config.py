@@ -205,6 +205,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], where)
     if origin is Literal:
+        if isinstance(value, bool) and ("on" if value else "off") in args:  # YAML reads `off` as false
+            value = "on" if value else "off"
         if value not in args:
             raise ConfigError(f"{where}: '{value}' is not one of {list(args)}.{_near(str(value), args)}")
         return value

@@ -45,3 +45,29 @@ def set_cpu_threads() -> None:
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if local_world > 1 and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+
+
+def run_training(argv: list[str], description: str) -> int:
+    """Build the trainer from the command line and train; clear errors exit with status 2."""
+    from dsmoe.parallel.mesh import shutdown
+    from dsmoe.train.checkpoint import CheckpointError
+    from dsmoe.train.trainer import Trainer
+
+    args, cfg = parse_args(argv, description)
+    set_cpu_threads()
+    trainer = None
+    try:
+        if args.dry_run:
+            from dsmoe.train.plan import print_plan
+
+            print_plan(cfg, world=int(os.environ.get("WORLD_SIZE", "1")))
+            return 0
+        trainer = Trainer(cfg, resume=args.resume)
+        trainer.fit()
+    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if trainer is not None:
+            shutdown(trainer.mesh)
+    return 0

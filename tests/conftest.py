@@ -13,3 +13,22 @@ def _deterministic():
     torch.manual_seed(0)
     torch.use_deterministic_algorithms(False)
     yield
+
+
+def small_config(run_dir, cache_dir, *overrides: str):
+    """The tiny MoE shrunk for fast CPU tests: no eval, no samples, log every step."""
+    from dsmoe.config import CONFIG_ROOT, load_config
+
+    base = ["--model.d_model=64", "--model.n_layers=3", "--model.n_heads=2", "--model.ffn_hidden=128",
+            "--moe.expert_hidden=32", "--moe.n_routed_experts=4", "--moe.top_k=2",
+            "--attention.kv_lora_rank=32", "--attention.qk_nope_head_dim=16", "--attention.qk_rope_head_dim=8",
+            "--attention.v_head_dim=16", "--train.seq_len=32", "--train.micro_batch=4", "--train.grad_accum=2",
+            "--train.steps=6", "--train.warmup_steps=2", "--train.log_every=1", "--train.eval_every=0",
+            "--train.sample_every=0", "--checkpoint.every=0", f"--run.dir={run_dir}", f"--data.cache_dir={cache_dir}",
+            "--log.rich=off", "--train.device=cpu"]
+    return load_config(CONFIG_ROOT / "models" / "tiny.yaml", base + list(overrides))
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("data-cache"))

@@ -47,8 +47,13 @@ def sort_by_expert(topk_idx_TK: torch.Tensor, n_experts: int):
     flat = topk_idx_TK.reshape(-1)
     key = torch.where(flat < 0, n_experts, flat)
     order = torch.argsort(key, stable=True)
-    counts = torch.bincount(key, minlength=n_experts + 1)[:n_experts]
-    return order, counts
+    return order, count_per_expert(key, n_experts + 1)[:n_experts]
+
+
+def count_per_expert(idx: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """bincount without its host sync (CUDA bincount reads max().item() even with minlength)."""
+    flat = idx.reshape(-1)
+    return torch.zeros(n_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
 class LocalDispatcher(Dispatcher):
@@ -74,9 +79,11 @@ class LocalDispatcher(Dispatcher):
 
     def combine(self, expert_y_ND, topk_weight_TK, handle: LocalHandle):
         weight_N = topk_weight_TK.reshape(-1)[handle.order].float()
-        y_ND = expert_y_ND.float() * weight_N[:, None]
+        y_ND = expert_y_ND.float()
         if handle.kept_row is not None:
+            # mask before the multiply: padding rows may hold garbage, and 0 * NaN poisons the router grad
             y_ND = torch.where(handle.kept_row[:, None], y_ND, 0.0)
+        y_ND = y_ND * weight_N[:, None]
         out = torch.zeros(handle.n_tokens, y_ND.shape[1], dtype=torch.float32, device=y_ND.device)
         # fp32 accumulation: a token's k expert outputs are summed in full precision
         out.index_add_(0, handle.token_of_row, y_ND)

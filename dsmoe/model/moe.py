@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dsmoe.config import Config
-from dsmoe.model.dispatch import Dispatcher, LocalDispatcher
+from dsmoe.model.dispatch import Dispatcher, LocalDispatcher, count_per_expert
 
 
 class SwiGLU(nn.Module):
@@ -37,7 +37,7 @@ def capacity_keep(topk_idx_TK: torch.Tensor, n_experts: int, capacity: int) -> t
     """Keep each expert's first `capacity` assignments in token order (earlier tokens win)."""
     flat = topk_idx_TK.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=n_experts)
+    counts = count_per_expert(flat, n_experts)
     starts = torch.cumsum(counts, 0) - counts
     rank_in_expert = torch.empty_like(flat)
     rank_in_expert[order] = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]
@@ -57,8 +57,9 @@ class Router(nn.Module):
 
     def forward(self, x_TD: torch.Tensor, n_seqs: int) -> Routing:
         e = self.cfg
-        logits_TE = F.linear(x_TD.float(), self.weight.float())
-        scores_TE = logits_TE.sigmoid() if e.score_func == "sigmoid" else logits_TE.softmax(-1)
+        with torch.autocast(x_TD.device.type, enabled=False):  # routing decisions in fp32, always
+            logits_TE = F.linear(x_TD.float(), self.weight.float())
+            scores_TE = logits_TE.sigmoid() if e.score_func == "sigmoid" else logits_TE.softmax(-1)
         choice_TE = scores_TE.detach() + self.expert_bias
         if e.n_groups > 1:
             choice_TE = self._limit_groups(choice_TE)
@@ -67,7 +68,7 @@ class Router(nn.Module):
         if e.norm_topk_prob and self.top_k > 1:
             weight_TK = weight_TK / (weight_TK.sum(-1, keepdim=True) + 1e-20)
         weight_TK = weight_TK * e.routed_scaling_factor
-        counts = torch.bincount(topk_idx.reshape(-1), minlength=self.n_experts).float()
+        counts = count_per_expert(topk_idx, self.n_experts).float()
 
         dropped = torch.zeros((), device=x_TD.device)
         if e.capacity_factor is not None:
@@ -154,14 +155,16 @@ class GroupedExperts(nn.Module):
 
     @staticmethod
     def _loop(x_ND, counts_E, w_gate, w_up, w_down):
-        """Reference: one matmul chain per expert (one host sync for the counts)."""
-        out = torch.zeros_like(x_ND)
-        start = 0
-        for e, n in enumerate(counts_E.tolist()):
-            xs = x_ND[start:start + n]  # an empty slice keeps the expert in the graph: zero gradient
-            out[start:start + n] = (F.silu(xs @ w_gate[e]) * (xs @ w_up[e])) @ w_down[e]
-            start += n
-        return out
+        """Reference: one matmul chain per expert (one host sync for the counts).
+
+        split/unbind views, not per-expert indexing: indexing makes backward build a full-size
+        zero tensor per expert. An empty chunk keeps its expert in the graph (zero gradient)."""
+        counts = counts_E.tolist()
+        padding = x_ND.shape[0] - sum(counts)  # rows of capacity-dropped assignments
+        chunks = x_ND.split(counts + [padding])
+        outs = [(F.silu(xs @ g) * (xs @ u)) @ d
+                for xs, g, u, d in zip(chunks, w_gate.unbind(0), w_up.unbind(0), w_down.unbind(0))]
+        return torch.cat(outs + [torch.zeros_like(chunks[-1])])
 
 
 class MoE(nn.Module):
@@ -180,6 +183,8 @@ class MoE(nn.Module):
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
         routing = self.router(x_TD, B)
+        if torch.is_autocast_enabled(x_TD.device.type):  # move and gather tokens in the compute dtype
+            x_TD = x_TD.to(torch.get_autocast_dtype(x_TD.device.type))
         shared_fn = (lambda: self.shared(x_TD)) if self.shared is not None else None
         expert_x, counts, handle = self.dispatcher.dispatch(x_TD, routing.topk_idx, overlap=shared_fn)
         expert_y = self.experts(expert_x, counts)

@@ -21,7 +21,7 @@ def wrap_ddp(model: torch.nn.Module, mesh: Mesh, p: ParallelConfig) -> torch.nn.
         device_ids=[mesh.device.index] if mesh.device.type == "cuda" else None,
         bucket_cap_mb=p.ddp_bucket_mb,
         gradient_as_bucket_view=True,
-        broadcast_buffers=False,
+        broadcast_buffers=False,  # deprecated name, but the only one that also skips the init sync
     )
 
 

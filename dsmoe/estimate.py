@@ -1,0 +1,215 @@
+"""Will this config fit? Per-GPU training memory, from the model built on the meta device.
+
+    python -m dsmoe.estimate configs/hardware/rtx4060.yaml
+    python -m dsmoe.estimate configs/hardware/h100_multinode.yaml --world 16 --ep 8
+    python -m dsmoe.estimate configs/models/v3-mini.yaml --gpu-mem-gb 80 --train.micro_batch=4
+    python -m dsmoe.estimate CONFIG [--world N] [--ep N] [--gpu-mem-gb G] [--device cpu|cuda]
+                             [--section.field=value ...]
+
+Prints parameters, gradients, AdamW state, autocast weight copies, activations with and without
+activation checkpointing, logits and the fp32 loss copy, and the peak for the config's
+checkpointing policy; then whether it fits the GPU with 10% headroom (CUDA context, allocator
+fragmentation) and, when it does not, the changes that would make it fit. The GPU's memory comes
+from --gpu-mem-gb or from the hardware profile's name (GPU_MEMORY_MIB). Exit status: 0 fits,
+1 does not fit (or no budget known), 2 config error. How each number is derived:
+dsmoe/metrics/memory.py.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from dsmoe.config import Config, ConfigError, load_config
+from dsmoe.metrics.memory import GiB, estimate_memory, measure_saved_activation_bytes
+
+__all__ = ["estimate_memory", "measure_saved_activation_bytes", "format_estimate", "verdict", "suggest",
+           "memory_budget", "GPU_MEMORY_MIB", "PROFILES", "main"]
+
+HEADROOM = 0.10  # kept free for the CUDA context, NCCL buffers and allocator fragmentation
+# total memory as nvidia-smi reports it (MiB); "cpu" is the host's RAM, read at run time
+GPU_MEMORY_MIB = {"rtx4060": 8188, "t4": 15360, "h100": 81559}
+# hardware profile (configs/hardware/NAME.yaml) -> (memory table key, GPUs it launches by default)
+PROFILES = {"cpu": ("cpu", 1), "rtx4060": ("rtx4060", 1), "g4dn_12xlarge": ("t4", 4),
+            "h100_node": ("h100", 8), "h100_multinode": ("h100", 16)}
+
+
+def profile_of(path: str | Path) -> Optional[str]:
+    """The hardware profile a config file is, or names with `hardware:`."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        raw = {}
+    name = raw.get("hardware") if isinstance(raw, dict) else None
+    name = Path(str(name)).stem if name else path.stem
+    return name if name in PROFILES else None
+
+
+def memory_budget(gpu: Optional[str] = None, gpu_mem_gb: Optional[float] = None) -> Optional[tuple[float, str]]:
+    """(usable bytes after the headroom, a description), or None when unknown."""
+    if gpu_mem_gb is not None:
+        total, what = gpu_mem_gb * GiB, f"GPU {gpu_mem_gb:g} GiB"
+    elif gpu == "cpu":
+        import psutil
+
+        total, what = float(psutil.virtual_memory().total), "host RAM"
+    elif gpu in GPU_MEMORY_MIB:
+        total, what = GPU_MEMORY_MIB[gpu] * 2 ** 20, f"{gpu} {GPU_MEMORY_MIB[gpu] / 1024:.1f} GiB"
+    else:
+        return None
+    return total * (1 - HEADROOM), what
+
+
+def gib(n: float) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
+def _with(cfg: Config, **sections) -> Config:
+    """A copy of cfg with some fields of some sections replaced (validated)."""
+    from dsmoe.config import validate
+
+    out = dataclasses.replace(cfg, **{s: dataclasses.replace(getattr(cfg, s), **f) for s, f in sections.items()})
+    validate(out)
+    return out
+
+
+def suggest(cfg: Config, world: int, ep: int, device: str, budget: float) -> list[str]:
+    """Changes that bring the peak under `budget`, cheapest first."""
+    t, p, E = cfg.train, cfg.parallel, cfg.moe.n_routed_experts
+    out = []
+
+    def fits(c: Config, e: int = ep) -> Optional[dict]:
+        est = estimate_memory(c, world=max(world, e), ep=e, device=device)
+        return est if est["total"] <= budget else None
+
+    policies = [p.activation_checkpointing] + (["full"] if p.activation_checkpointing != "full" else [])
+    if p.activation_checkpointing != "full":
+        est = fits(_with(cfg, parallel={"activation_checkpointing": "full"}))
+        if est:
+            out.append(f"activation checkpointing: --parallel.activation_checkpointing=full ({gib(est['total'])})")
+    for policy in policies:
+        for mb in range(t.micro_batch - 1, 0, -1):
+            c = _with(cfg, train={"micro_batch": mb}, parallel={"activation_checkpointing": policy})
+            est = fits(c)
+            if est:
+                seqs = t.micro_batch * t.grad_accum
+                accum = (f" --train.grad_accum={seqs // mb}" if seqs % mb == 0 and seqs // mb != t.grad_accum
+                         else "")
+                same = ", same tokens per step" if accum else ""
+                ac = "" if policy == p.activation_checkpointing else f" --parallel.activation_checkpointing={policy}"
+                out.append(f"smaller micro-batch: --train.micro_batch={mb}{accum}{ac} ({gib(est['total'])}{same})")
+                break
+        if out and out[-1].startswith("smaller"):
+            break
+    if E:
+        smallest = _with(cfg, train={"micro_batch": 1}, parallel={"activation_checkpointing": "full"})
+        candidates = [d for d in range(ep + 1, E + 1) if E % d == 0]
+        as_is = next(((e, est) for e in candidates if (est := fits(_with(cfg, parallel={"ep": e}), e))), None)
+        least = next(((e, est) for e in candidates if (est := fits(smallest, e))), None)
+        for found, how in ((as_is, ""), (least, " with micro_batch 1 and full checkpointing")):
+            if found and (found is as_is or as_is is None or found[0] < as_is[0]):
+                e, est = found
+                out.append(f"expert parallelism: --parallel.ep {e} on a multiple of {e} GPUs (each holds "
+                           f"{E // e} of {E} experts{how}; {gib(est['total'])})")
+    est = estimate_memory(cfg, world=world, ep=ep, device=device)
+    if world > 1:
+        sharded = est["persistent"] / world
+        out.append(f"sharding (FSDP2) over {world} GPUs: parameters + gradients + AdamW state "
+                   f"{gib(est['persistent'])} -> ~{gib(sharded)} per GPU")
+    elif est["peak_step"] > budget:
+        out.append(f"the training state alone ({gib(est['peak_step'])} with the AdamW step) exceeds the budget: "
+                   f"use more GPUs with --parallel.ep / sharding, or a smaller model")
+    return out
+
+
+def format_estimate(est: dict, title: str = "", budget: Optional[tuple[float, str]] = None):
+    """A rich Table of the estimate (one rank)."""
+    from rich.table import Table
+
+    from dsmoe.params import fmt_count
+
+    prec = "fp32" if est["precision_bytes"] == 4 else "bf16/fp16 autocast"
+    table = Table(title=f"{title}: {est['device']}, {prec}, world {est['world']}, ep {est['ep']}, "
+                        f"{est['tokens']:,} tokens per micro-batch")
+    table.add_column("per rank")
+    table.add_column("GiB", justify="right")
+    table.add_column("bytes", justify="right")
+    table.add_column("note")
+    n = est["n_params"]
+    rows = [
+        ("parameters", est["params"], f"{fmt_count(n)}, fp32 master"),
+        ("gradients", est["grads"], "fp32"),
+        ("optimizer state", est["optimizer"], "AdamW 2 x fp32"),
+        ("autocast weight copies", est["weight_casts"], "16-bit matmul weights"),
+        ("activations (no ckpt)", est["activations_none"], "saved for backward"),
+        ("activations (full ckpt)", est["activations_full"], "block inputs + 1 block"),
+        ("logits + fp32 loss copy", est["logits"], "+ loss-backward grads"),
+        ("AdamW step workspace", est["optimizer_workspace"], "after activations freed"),
+    ]
+    for name, b, note in rows:
+        table.add_row(name, f"{b / GiB:.2f}", f"{b:,}", note)
+    table.add_row(f"peak, checkpointing {est['policy']}", f"{est['total'] / GiB:.2f}", f"{est['total']:,}",
+                  "max(train, AdamW step)", style="bold")
+    if budget is not None:
+        table.add_row("usable memory", f"{budget[0] / GiB:.2f}", f"{int(budget[0]):,}",
+                      f"{budget[1]} - {HEADROOM:.0%}")
+    return table
+
+
+def verdict(est: dict, budget: Optional[tuple[float, str]]) -> tuple[bool, str]:
+    if budget is None:
+        return False, "no GPU memory known for this config: pass --gpu-mem-gb G (or use a configs/hardware profile)"
+    usable, what = budget
+    if est["total"] <= usable:
+        return True, f"fits: {gib(est['total'])} of {gib(usable)} usable on {what} ({est['total'] / usable:.0%})"
+    return False, f"does not fit: {gib(est['total'])} > {gib(usable)} usable on {what}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rich.console import Console
+
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="python -m dsmoe.estimate", description=__doc__.split("\n")[0],
+                                     epilog="any config field: --section.field=value")
+    parser.add_argument("config")
+    parser.add_argument("--world", type=int, default=None, help="GPUs in the job (default: the profile's)")
+    parser.add_argument("--ep", type=int, default=None, help="expert-parallel size (default: parallel.ep)")
+    parser.add_argument("--gpu-mem-gb", type=float, default=None, help="GPU memory in GiB (default: the profile's GPU)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                        help="default: cpu when train.device is cpu, else cuda")
+    args, rest = parser.parse_known_args(argv)
+    console = Console()
+    try:
+        cfg = load_config(args.config, rest)
+    except ConfigError as e:
+        console.print(f"[red]config error:[/red] {e}")
+        return 2
+    profile = profile_of(args.config)
+    gpu, default_world = PROFILES.get(profile, (None, 1))
+    ep = args.ep or cfg.parallel.ep
+    world = args.world or max(default_world, ep)
+    device = args.device or ("cpu" if cfg.train.device == "cpu" or gpu == "cpu" else "cuda")
+    try:
+        est = estimate_memory(cfg, world=world, ep=ep, device=device)
+    except ValueError as e:
+        console.print(f"[red]error:[/red] {e}")
+        return 2
+    budget = memory_budget(gpu, args.gpu_mem_gb)
+    console.print(format_estimate(est, f"{cfg.model.name} @ {Path(args.config).stem}", budget))
+    ok, text = verdict(est, budget)
+    console.print(f"[{'green' if ok else 'red'}]{text}[/]")
+    if budget is not None and not ok:
+        fixes = suggest(cfg, world, ep, device, budget[0])
+        console.print("suggestions:" if fixes else "no single change found that fits; use more GPUs or a smaller model")
+        for fix in fixes:
+            console.print(f"  - {fix}", markup=False)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

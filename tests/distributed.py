@@ -1,0 +1,63 @@
+"""Run a function on several gloo processes and collect each rank's return value.
+
+    results = run_workers(fn, world=2, args=(a, b))   # fn(rank, world, *args) -> picklable
+
+The function must be importable (module level). Each worker gets torchrun-style environment
+variables, one CPU thread, and an initialised gloo process group.
+"""
+from __future__ import annotations
+
+import io
+import os
+import socket
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, fn, args, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        buf = io.BytesIO()  # tensors travel as bytes: shared-memory handles die with the worker
+        torch.save(fn(rank, world, *args), buf)
+        queue.put((rank, "ok", buf.getvalue()))
+    except BaseException:  # report every failure to the parent instead of hanging it
+        queue.put((rank, "error", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_workers(fn, world: int, args: tuple = (), timeout: float = 300.0) -> list:
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, fn, args, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    results: dict = {}
+    errors = []
+    for _ in range(world):
+        rank, status, value = queue.get()
+        if status == "error":
+            errors.append(f"rank {rank}:\n{value}")
+        else:
+            results[rank] = torch.load(io.BytesIO(value), weights_only=False)
+    for p in procs:
+        p.join(timeout=5 if errors else timeout)
+        if p.is_alive():
+            p.kill()
+    if errors:
+        raise RuntimeError("worker failed\n" + "\n".join(errors))
+    return [results[r] for r in range(world)]
