@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import io
 import os
+import queue as queue_module
 import socket
+import time
 import traceback
 
 import torch
@@ -40,22 +42,31 @@ def _worker(rank: int, world: int, port: int, fn, args, queue) -> None:
 
 
 def run_workers(fn, world: int, args: tuple = (), timeout: float = 300.0) -> list:
+    """Fails (instead of hanging) when a worker dies without reporting or the whole run overruns."""
     ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
+    queue = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world, port, fn, args, queue)) for r in range(world)]
     for p in procs:
         p.start()
     results: dict = {}
     errors = []
-    for _ in range(world):
-        rank, status, value = queue.get()
+    deadline = time.monotonic() + timeout
+    while len(results) + len(errors) < world:
+        try:
+            rank, status, value = queue.get(timeout=1.0)
+        except queue_module.Empty:
+            silent = [r for r, p in enumerate(procs) if not p.is_alive() and p.exitcode != 0]
+            if silent or time.monotonic() > deadline:
+                errors.append(f"ranks {silent} died without a report" if silent else f"timed out after {timeout}s")
+                break
+            continue
         if status == "error":
             errors.append(f"rank {rank}:\n{value}")
         else:
             results[rank] = torch.load(io.BytesIO(value), weights_only=False)
     for p in procs:
-        p.join(timeout=5 if errors else timeout)
+        p.join(timeout=5 if errors else 30)
         if p.is_alive():
             p.kill()
     if errors:

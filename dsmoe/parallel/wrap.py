@@ -1,6 +1,7 @@
 """Wrapping the model for data parallelism, and activation checkpointing of blocks."""
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -16,13 +17,16 @@ def wrap_ddp(model: torch.nn.Module, mesh: Mesh, p: ParallelConfig) -> torch.nn.
     the routing bias is updated identically on every rank, so buffers need no broadcast."""
     if not mesh.distributed:
         return model
-    return DistributedDataParallel(
-        model,
-        device_ids=[mesh.device.index] if mesh.device.type == "cuda" else None,
-        bucket_cap_mb=p.ddp_bucket_mb,
-        gradient_as_bucket_view=True,
-        broadcast_buffers=False,  # deprecated name, but the only one that also skips the init sync
-    )
+    with warnings.catch_warnings():
+        # broadcast_buffers is deprecated, but still the only switch that also skips the init sync
+        warnings.simplefilter("ignore", FutureWarning)
+        return DistributedDataParallel(
+            model,
+            device_ids=[mesh.device.index] if mesh.device.type == "cuda" else None,
+            bucket_cap_mb=p.ddp_bucket_mb,
+            gradient_as_bucket_view=True,
+            broadcast_buffers=False,
+        )
 
 
 def block_fn_for(p: ParallelConfig) -> Optional[Callable]:

@@ -87,9 +87,10 @@ class Trainer:
             setattr(self, key, int(state["progress"][key]))
         rng = state["rng"]
         if self.mesh.rank < rng["cpu"].shape[0]:  # a rank beyond the saved world keeps its seeded state
-            torch.set_rng_state(rng["cpu"][self.mesh.rank])
+            # clone: set_rng_state reads a row view from its storage's start (and can crash)
+            torch.set_rng_state(rng["cpu"][self.mesh.rank].clone())
             if self.device.type == "cuda" and "cuda" in rng and self.mesh.rank < rng["cuda"].shape[0]:
-                torch.cuda.set_rng_state(rng["cuda"][self.mesh.rank], self.device)
+                torch.cuda.set_rng_state(rng["cuda"][self.mesh.rank].clone(), self.device)
 
     def _gather_rng(self) -> dict:
         """Every rank's RNG states as [world, n] uint8 tensors (all ranks take part)."""
