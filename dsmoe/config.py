@@ -75,8 +75,8 @@ class MoEConfig:
     bias_update_rate: float = doc(1e-3, "aux-loss-free balancing: bias step per optimizer step (0 = off)")
     seq_aux_loss_coef: float = doc(0.0, "sequence-wise balance loss weight (0 = off)")
     z_loss_coef: float = doc(0.0, "router z-loss weight (0 = off)")
-    capacity_factor: Optional[float] = doc(None, "null = dropless; a number caps each expert at cf*T*k/E tokens, dropping later tokens")
-    expert_impl: Literal["grouped", "loop"] = doc("grouped", "grouped GEMM over stacked experts, or the per-expert loop reference")
+    capacity_factor: Optional[float] = doc(None, "null = dropless; else an expert keeps at most cf*T*k/E tokens, earliest first")
+    expert_impl: Literal["grouped", "loop"] = doc("grouped", "grouped GEMM over stacked experts, or the per-expert loop")
 
 
 @dataclass
@@ -93,9 +93,9 @@ class TrainConfig:
     beta1: float = doc(0.9, "AdamW beta1")
     beta2: float = doc(0.95, "AdamW beta2")
     eps: float = doc(1e-8, "AdamW epsilon")
-    weight_decay: float = doc(0.1, "AdamW weight decay (never on norms, biases or the routing bias)")
+    weight_decay: float = doc(0.1, "AdamW weight decay (matrices only: never norms, biases, routing bias)")
     grad_clip: float = doc(1.0, "global gradient-norm clip (0 = off)")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = doc("auto", "auto: bf16 on sm_80+/sm_89, fp16+GradScaler on sm_75 (T4), fp32 on CPU")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = doc("auto", "auto: bf16 on sm_80+, fp16+GradScaler on T4, fp32 on CPU")
     device: str = doc("auto", "auto, cpu, cuda or cuda:N")
     seed: int = doc(1337, "seed for init, data order and sampling")
     log_every: int = doc(10, "optimizer steps between console/metrics lines")

@@ -60,7 +60,7 @@ def run_training(argv: list[str], description: str) -> int:
         if args.dry_run:
             from dsmoe.train.plan import print_plan
 
-            print_plan(cfg, world=int(os.environ.get("WORLD_SIZE", "1")))
+            print_plan(cfg, world=int(os.environ.get("WORLD_SIZE", "1")), config_path=args.config)
             return 0
         trainer = Trainer(cfg, resume=args.resume)
         trainer.fit()

@@ -250,9 +250,9 @@ def estimate_memory(cfg: Config, world: Optional[int] = None, ep: Optional[int] 
     device = device or ("cpu" if cfg.train.device == "cpu" else "cuda")
     cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, ep=ep))
     st = param_stats(cfg, ep)
-    # AdamW step: foreach sqrt(exp_avg_sq) allocates one fp32 tensor per parameter of the larger
-    # group (the decayed matrices) on a GPU; the CPU for-loop path allocates one parameter's worth
-    workspace = 4 * (st["largest_group"] if device != "cpu" else st["largest_param"])
+    # AdamW step: fused on a GPU (in place, no temporaries); the CPU for-loop path allocates one
+    # parameter's worth
+    workspace = 0 if device != "cpu" else 4 * st["largest_param"]
 
     led = activation_ledger(cfg, device, ep)
     amp = compute_bytes(cfg, device) == 2
@@ -263,7 +263,7 @@ def estimate_memory(cfg: Config, world: Optional[int] = None, ep: Optional[int] 
     # cache holds every linear weight cast until the forward ends either way
     ckpt = checkpointed_layers(cfg)
     redo = [i for i, c in enumerate(ckpt) if c]
-    act_policy = led["outer"] + sum(led["block_input"] if c else l for c, l in zip(ckpt, led["layers"]))
+    act_policy = led["outer"] + sum(led["block_input"] if c else layer for c, layer in zip(ckpt, led["layers"]))
     casts = linear_casts + sum(x for c, x in zip(ckpt, led["expert_casts"]) if not c)
     if redo:
         act_policy += max(led["layers"][i] for i in redo)

@@ -89,7 +89,8 @@ def load_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"checkpoint '{path}' is truncated or corrupt ({type(e).__name__}: {e}); "
                               f"resume from an earlier checkpoint in {path.parent}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise CheckpointError(f"'{path}' is not a dsmoe checkpoint (format {state.get('format') if isinstance(state, dict) else type(state).__name__})")
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"'{path}' is not a dsmoe checkpoint (format {found})")
     return state
 
 

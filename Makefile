@@ -1,0 +1,30 @@
+# dsmoe: the everyday commands. `make help` lists them.
+PY ?= python3
+
+.PHONY: help install test train bench lint
+
+help:
+	@echo "install  pip install the CPU build of torch, then dsmoe with its dev extras"
+	@echo "test     run the test suite (CPU, gloo multi-process tests included)"
+	@echo "train    train the tiny MoE on the bundled tiny-Shakespeare corpus (CPU, ~3 min)"
+	@echo "bench    the benchmark suite (quick preset; results in benchmarks/results/)"
+	@echo "lint     ruff over the package, launchers, benchmarks and tests"
+
+install:
+	$(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install -e ".[dev]"
+
+test:
+	$(PY) -m pytest
+
+train:
+	$(PY) launch/train.py --config configs/runs/tiny-shakespeare.yaml
+
+bench:
+	$(PY) benchmarks/moe_dispatch.py --quick
+	$(PY) benchmarks/data_loader.py --quick
+	$(PY) benchmarks/peer_hf.py --quick
+	torchrun --standalone --nproc_per_node 2 benchmarks/moe_dispatch.py --quick
+
+lint:
+	$(PY) -m ruff check dsmoe launch benchmarks tests
