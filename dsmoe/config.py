@@ -146,6 +146,27 @@ class LogConfig:
 
 
 @dataclass
+class GuardConfig:
+    policy: Literal["skip", "rollback", "abort", "off"] = doc("skip", "on a NaN/inf or a loss spike: skip the step, "
+                                                             "roll back after repeats, abort, or off")
+    check_params: bool = doc(False, "also check the parameters after each update (one more fused norm)")
+    spike_zscore: float = doc(0.0, "a loss this many std above the moving window is a spike (0 = off)")
+    spike_window: int = doc(50, "accepted losses in the spike window")
+    rollback_after: int = doc(3, "rollback: bad steps within rollback_window that trigger a rollback")
+    rollback_window: int = doc(20, "rollback: the window, in steps")
+    rollback_lr_factor: float = doc(0.5, "rollback: multiply the learning rate by this after each rollback")
+    max_rollbacks: int = doc(3, "rollback: then abort")
+    localize: bool = doc(True, "on the first event, replay the micro-batch and name the first bad module")
+    inject_nan_step: Optional[int] = doc(None, "fault injection: make a module's output NaN at this step")
+    inject_nan_rank: int = doc(0, "fault injection: the rank that gets the NaN")
+    inject_nan_module: str = doc("layers.0.ffn", "fault injection: module path whose output becomes NaN")
+    inject_spike_step: Optional[int] = doc(None, "fault injection: multiply the loss by 100 at this step")
+    inject_kill_step: Optional[int] = doc(None, "fault injection: SIGKILL a rank at this step (once per run dir)")
+    inject_kill_rank: int = doc(0, "fault injection: the rank killed")
+    inject_kill_in_save: bool = doc(False, "fault injection: kill the rank in the middle of a checkpoint write")
+
+
+@dataclass
 class RunConfig:
     dir: str = doc("runs/tiny", "run directory: config, metrics, samples, checkpoints")
 
@@ -160,6 +181,7 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict:
@@ -424,4 +446,9 @@ def validate(cfg: Config) -> None:
              f"choose an ep that divides it")
     need(0 < cfg.data.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
     need(t.warmup_steps >= 0 and 0 <= t.min_lr_ratio <= 1, "train.warmup_steps >= 0 and 0 <= train.min_lr_ratio <= 1")
+    g = cfg.guard
+    need(g.spike_window >= 2, f"guard.spike_window must be >= 2, got {g.spike_window}")
+    need(g.rollback_after >= 1 and g.rollback_window >= 1 and g.max_rollbacks >= 0,
+         "guard.rollback_after and guard.rollback_window must be >= 1, guard.max_rollbacks >= 0")
+    need(0 < g.rollback_lr_factor <= 1, f"guard.rollback_lr_factor must be in (0, 1], got {g.rollback_lr_factor}")
     need(cfg.checkpoint.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {cfg.checkpoint.keep_last}")

@@ -4,10 +4,11 @@ A checkpoint holds only tensors and primitives, so `torch.load(path, weights_onl
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -47,15 +48,43 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(state: dict, path: str | Path, keep_last: Optional[int] = None) -> Path:
-    """Write to a temporary name, fsync, rename: a crash mid-save leaves the previous file intact."""
+def tensor_checksum(state: dict) -> str:
+    """sha256 over every tensor's bytes and every primitive, in key order."""
+    h = hashlib.sha256()
+
+    def feed(obj, key: str) -> None:
+        h.update(key.encode())
+        if isinstance(obj, torch.Tensor):
+            t = obj.detach().cpu().contiguous()
+            h.update(str((t.dtype, tuple(t.shape))).encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        elif isinstance(obj, dict):
+            for k in sorted(obj, key=str):
+                feed(obj[k], f"{key}.{k}")
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                feed(v, f"{key}[{i}]")
+        else:
+            h.update(repr(obj).encode())
+
+    feed(state, "")
+    return h.hexdigest()
+
+
+def save_checkpoint(state: dict, path: str | Path, keep_last: Optional[int] = None,
+                    before_commit: Optional[Callable[[], None]] = None) -> Path:
+    """Write to a temporary name, fsync, rename: a crash mid-save leaves the previous file intact.
+
+    The file carries a checksum of its contents, checked on load."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
-        torch.save({"format": FORMAT, **state}, f)
+        torch.save({"format": FORMAT, "checksum": tensor_checksum(state), **state}, f)
         f.flush()
         os.fsync(f.fileno())
+    if before_commit is not None:
+        before_commit()
     os.replace(tmp, path)
     _fsync_dir(path.parent)
     if keep_last:
@@ -91,6 +120,11 @@ def load_checkpoint(path: str | Path) -> dict:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"'{path}' is not a dsmoe checkpoint (format {found})")
+    expected = state.pop("checksum", None)
+    payload = {k: v for k, v in state.items() if k != "format"}
+    if expected is None or tensor_checksum(payload) != expected:
+        raise CheckpointError(f"checkpoint '{path}' fails its checksum (its contents changed after it was written); "
+                              f"resume from an earlier checkpoint in {path.parent}")
     return state
 
 

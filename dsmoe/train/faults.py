@@ -1,0 +1,60 @@
+"""Fault injection for rehearsals and tests: a NaN in a module, a loss spike, a killed rank.
+
+Set through `guard.inject_*` config fields (so `--guard.inject_nan_step=40` works on any launcher).
+A kill happens once per run directory (a marker file), so a restarted run goes on.
+"""
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from dsmoe.config import GuardConfig
+
+
+class FaultInjector:
+    def __init__(self, cfg: GuardConfig, rank: int, run_dir: Path):
+        self.cfg, self.rank, self.run_dir = cfg, rank, run_dir
+        self.step = 0  # the optimizer step being computed (1-based once training starts)
+
+    def attach(self, model: torch.nn.Module) -> None:
+        """A forward hook that turns the chosen module's output into NaN at the chosen step."""
+        if self.cfg.inject_nan_step is None or self.rank != self.cfg.inject_nan_rank:
+            return
+        modules = dict(model.named_modules())
+        if self.cfg.inject_nan_module not in modules:
+            raise ValueError(f"guard.inject_nan_module '{self.cfg.inject_nan_module}' is not a module path of the "
+                             f"model; e.g. {', '.join(list(modules)[1:6])}")
+
+        def hook(module, inputs, output):
+            if self.step == self.cfg.inject_nan_step:
+                first = output[0] if isinstance(output, tuple) else output
+                poisoned = first * float("nan")
+                return (poisoned, *output[1:]) if isinstance(output, tuple) else poisoned
+            return output
+
+        modules[self.cfg.inject_nan_module].register_forward_hook(hook)
+
+    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss * 100.0 if self.step == self.cfg.inject_spike_step else loss
+
+    def _kill_once(self, tag: str) -> None:
+        marker = self.run_dir / f".injected-{tag}-rank{self.rank}"
+        if marker.exists():
+            return
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def maybe_kill(self) -> None:
+        if self.step == self.cfg.inject_kill_step and self.rank == self.cfg.inject_kill_rank:
+            self._kill_once(f"kill-step{self.step}")
+
+    def save_hook(self) -> Callable[[], None] | None:
+        """Called between writing a checkpoint's temporary file and renaming it."""
+        if not self.cfg.inject_kill_in_save:
+            return None
+        return lambda: self._kill_once("kill-in-save")
