@@ -143,6 +143,7 @@ class CheckpointConfig:
 class LogConfig:
     rich: Literal["auto", "on", "off"] = doc("auto", "rich console: auto = only when stdout is a terminal")
     expert_stats: bool = doc(True, "log per-expert token counts and imbalance")
+    peak_tflops: Optional[float] = doc(None, "the device's peak TFLOP/s for MFU; null = the built-in table")
 
 
 @dataclass
