@@ -22,7 +22,20 @@ GPU. The table is printed with rich and the numbers go to
 benchmarks/results/moe_dispatch-<device>-<date>.json (moe_dispatch-quick-... for --quick, so a smoke
 run never overwrites the day's full run).
 
-Single process only for now; `main()` branches on WORLD_SIZE so a torchrun all-to-all mode can be added.
+Under torchrun (WORLD_SIZE > 1) it times expert parallelism instead, with ep = world:
+
+    torchrun --standalone --nproc_per_node 4 benchmarks/moe_dispatch.py           # 2048..16384 tokens / rank
+    torchrun --standalone --nproc_per_node 2 benchmarks/moe_dispatch.py --quick   # 2048 tokens, few iters
+
+Per shape and tokens per rank: the AllToAllDispatcher's dispatch + combine (forward, no grad; the
+experts are skipped: the dispatched rows are combined directly), the floor -- two bare
+`all_to_all_single` calls (there and back) with the same split sizes, i.e. the same bytes -- the
+bytes per token (2 * top_k * d elements: top_k rows out, top_k rows back), tokens/s over all ranks,
+and the whole MoE layer (router, dispatch, grouped experts, combine, shared expert) forward+backward.
+Every timed call starts after a barrier and counts as its slowest rank; the three are interleaved
+round by round. Goal: dispatch+combine <= 1.5x the bare all-to-all on CPU/gloo, <= 1.2x on NCCL.
+CPU ranks run one torch thread each (--threads to change). Rank 0 prints the table and writes
+benchmarks/results/moe_dispatch-ep<world>-<device>-<date>.json (moe_dispatch-quick-ep<world>-... for --quick).
 """
 from __future__ import annotations
 
@@ -30,6 +43,7 @@ import argparse
 import os
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -50,6 +64,8 @@ SHAPES = {
 IMPLS = ("dense", "loop", "grouped")
 GOAL_OVERHEAD = {"cpu": 1.5, "cuda": 1.25}  # MoE grouped / dense, fwd+bwd
 GOAL_GROUPED_SPEEDUP_GPU = 3.0  # loop / grouped, on GPU only
+GOAL_DISPATCH_VS_A2A = {"cpu": 1.5, "cuda": 1.2}  # torchrun mode: dispatch+combine / bare all-to-all
+EP_TOKENS = (2048, 4096, 8192, 16384)  # torchrun mode: tokens per rank
 INIT_STD = 0.02
 PRIME_TOKENS = 256  # a short first step per impl: initialises every code path cheaply
 SEED = 1234
@@ -58,7 +74,9 @@ SEED = 1234
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tokens", type=int, default=None, help="tokens per step (default 8192; 2048 with --quick)")
+    p.add_argument("--tokens", type=int, nargs="+", default=None,
+                   help="tokens per step (default 8192; 2048 with --quick); under torchrun: tokens per rank, "
+                        "several allowed (default 2048 4096 8192 16384; 2048 with --quick)")
     p.add_argument("--iters", type=int, default=None,
                    help="timed steps per impl, interleaved (default: 3 on CPU, 20 on CUDA; 2 / 5 with --quick)")
     p.add_argument("--warmup", type=int, default=None,
@@ -75,7 +93,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="2048 tokens, few iterations: a smoke run in well under a minute")
     p.add_argument("--no-save", action="store_true", help="print the table only, write no JSON")
+    p.add_argument("--glibc-malloc", action="store_true",
+                   help="torchrun mode on CPU: keep glibc's default of returning blocks over 32 MB to the OS "
+                        "(every large tensor then page-faults afresh)")
     args = p.parse_args(argv)
+    args.world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.world > 1:
+        args.tokens = args.tokens or ([2048] if args.quick else list(EP_TOKENS))
+    elif args.tokens and len(args.tokens) > 1:
+        p.error("--tokens takes one value in a single process (several only under torchrun)")
+    else:
+        args.tokens = args.tokens[0] if args.tokens else None
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible")
@@ -83,6 +111,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.dtype = args.dtype or ("bf16" if gpu else "fp32")
     defaults = {(False, False): (8192, 1, 3), (False, True): (2048, 0, 2),
                 (True, False): (8192, 5, 20), (True, True): (2048, 2, 5)}[(gpu, args.quick)]
+    if args.world > 1:  # torchrun mode: every timed call is cheap next to a full step
+        defaults = {(False, False): (0, 1, 5), (False, True): (0, 1, 3),
+                    (True, False): (0, 5, 20), (True, True): (0, 2, 5)}[(gpu, args.quick)]
     args.tokens = args.tokens or defaults[0]
     args.warmup = defaults[1] if args.warmup is None else args.warmup
     args.iters = args.iters or defaults[2]
@@ -279,14 +310,178 @@ def run_single(args) -> dict:
     return payload
 
 
+# ----------------------------------------------------------------------------- torchrun: expert parallelism
+
+
+def timed_round(fns: dict, device: torch.device) -> dict:
+    """One call of each function, each after a barrier; ms of this rank (wall clock, device synced)."""
+    import torch.distributed as dist
+
+    out = {}
+    for key, fn in fns.items():
+        synchronize_device(device)
+        dist.barrier()
+        t0 = time.perf_counter()
+        fn()
+        synchronize_device(device)
+        out[key] = (time.perf_counter() - t0) * 1e3
+    return out
+
+
+def synchronize_device(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_ep(name: str, shape: dict, tokens: int, args, mesh) -> dict:
+    """dispatch+combine vs two bare all_to_all_single with its split sizes vs the MoE layer fwd+bwd."""
+    import torch.distributed as dist
+
+    from dsmoe.parallel.dispatch import AllToAllDispatcher
+
+    device, group = mesh.device, mesh.ep_group
+    autocast_dtype = torch.bfloat16 if args.dtype == "bf16" else None
+    row_dtype = autocast_dtype or torch.float32
+    E, K, d = shape["n_routed_experts"], shape["top_k"], shape["d_model"]
+    dispatcher = AllToAllDispatcher(E, group)
+    # same weights on every rank (the router is replicated; expert slices are equal, which is fine here)
+    moe = init_(MoE(make_cfg(shape, "grouped", device.type), dispatcher), SEED).to(device).train()
+    gen = torch.Generator().manual_seed(SEED + 1 + mesh.rank)  # each rank its own tokens
+    x = torch.randn(1, tokens, d, generator=gen).to(device)
+    g = torch.randn(1, tokens, d, generator=gen).to(device)
+    x_TD = x.view(tokens, d).to(row_dtype)
+    with torch.no_grad():
+        routing = moe.router(x.view(tokens, d), 1)
+        _, _, handle = dispatcher.dispatch(x_TD, routing.topk_idx)
+    idx, weight = routing.topk_idx, routing.topk_weight
+    ins, outs = handle.input_splits, handle.output_splits
+    send = torch.randn(sum(ins), d, generator=gen).to(device, row_dtype)
+    recv = send.new_empty(sum(outs), d)
+    back = torch.empty_like(send)
+
+    def floor():  # the same bytes, the same splits, nothing else: there and back
+        dist.all_to_all_single(recv, send, outs, ins, group=group)
+        dist.all_to_all_single(back, recv, ins, outs, group=group)
+
+    @torch.no_grad()
+    def dispatch_combine():  # the experts are skipped: combine the dispatched rows directly
+        expert_x, _, h = dispatcher.dispatch(x_TD, idx)
+        dispatcher.combine(expert_x, weight, h)
+
+    x_grad = x.clone().requires_grad_(True)
+    layer = make_step(moe, x_grad, g, autocast_dtype)
+    fns = {"a2a": floor, "dispatch": dispatch_combine, "layer": layer}
+    for _ in range(args.warmup):
+        timed_round(fns, device)
+    per_iter = [timed_round(fns, device) for _ in range(args.iters)]
+    # each call costs what its slowest rank took
+    t = torch.tensor([[it[k] for k in fns] for it in per_iter], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    times = {k: t[:, i].tolist() for i, k in enumerate(fns)}
+    med = {k: statistics.median(v) for k, v in times.items()}
+
+    # rows each rank sends to other ranks (the rest stay local: a copy inside all_to_all_single)
+    sent = torch.tensor([sum(ins), sum(ins) - ins[mesh.ep_rank]], dtype=torch.float64)
+    dist.all_reduce(sent)
+    elem = torch.finfo(row_dtype).bits // 8
+    world = mesh.world
+    return {
+        "shape": name, **shape, "tokens_per_rank": tokens, "world": world, "ep": mesh.ep, "dtype": args.dtype,
+        "bytes_per_token": 2 * K * d * elem,  # top_k rows of d out, top_k back (forward)
+        "a2a_mb_per_rank": round(2 * sum(ins) * d * elem / 2**20, 2),
+        "off_rank_fraction": round(float(sent[1] / sent[0]), 4),
+        "a2a_ms": med["a2a"], "dispatch_combine_ms": med["dispatch"], "layer_fwd_bwd_ms": med["layer"],
+        "dispatch_vs_a2a": med["dispatch"] / med["a2a"],
+        "a2a_gb_per_s_per_rank": 2 * sum(ins) * d * elem / (med["a2a"] / 1e3) / 1e9,
+        "dispatch_tokens_per_s": world * tokens / (med["dispatch"] / 1e3),
+        "layer_tokens_per_s": world * tokens / (med["layer"] / 1e3),
+        "iters": args.iters, "times_ms": {k: [round(v, 3) for v in vs] for k, vs in times.items()},
+    }
+
+
+def ep_goals(rows: list[dict], device_type: str) -> list[dict]:
+    limit = GOAL_DISPATCH_VS_A2A[device_type]
+    backend = "gloo" if device_type == "cpu" else "nccl"
+    return [{"goal": f"dispatch+combine <= {limit}x bare all-to-all ({backend})", "shape": r["shape"],
+             "tokens_per_rank": r["tokens_per_rank"], "value": round(r["dispatch_vs_a2a"], 3), "target": limit,
+             "met": r["dispatch_vs_a2a"] <= limit} for r in rows]
+
+
+def report_ep(rows: list[dict], goal_rows: list[dict], args, device: torch.device) -> None:
+    world = rows[0]["world"] if rows else args.world
+    print_table(
+        f"Expert-parallel MoE, ep={world} ({'gloo' if device.type == 'cpu' else 'nccl'}), {args.dtype}, "
+        f"{device_name(device)} (warmup {args.warmup}, median of {args.iters}; each call = slowest rank)",
+        ["shape", "tokens/rank", "bytes/token", "MB a2a/rank", "off-rank", "bare a2a ms", "dispatch+combine ms",
+         "vs a2a", "tokens/s (d+c)", "layer fwd+bwd ms", "layer tokens/s"],
+        [[r["shape"], r["tokens_per_rank"], r["bytes_per_token"], f"{r['a2a_mb_per_rank']:.1f}",
+          f"{r['off_rank_fraction']:.2f}", f"{r['a2a_ms']:.2f}", f"{r['dispatch_combine_ms']:.2f}",
+          f"{r['dispatch_vs_a2a']:.2f}", f"{r['dispatch_tokens_per_s']:,.0f}", f"{r['layer_fwd_bwd_ms']:.1f}",
+          f"{r['layer_tokens_per_s']:,.0f}"] for r in rows],
+        caption="bytes/token: forward, 2 x top_k x d elements (out and back); tokens/s over all ranks")
+    for gl in goal_rows:
+        print(f"  {gl['shape']:<22} {gl['tokens_per_rank']:>6} tokens/rank  {gl['goal']:<48} "
+              f"{gl['value']:>6.2f}  {'met' if gl['met'] else 'NOT met'}")
+
+
+def reuse_freed_memory() -> str:
+    """glibc hands every block over 32 MB back to the OS on free, so each large tensor pays its page
+    faults again (on a small VM, ~25 ms per 36 MB: more than the all-to-all itself). Keep freed memory
+    in the heap instead, which is what CUDA's caching allocator (and jemalloc/tcmalloc, as PyTorch's
+    CPU tuning guide advises) does. Returns what the allocator now is, for the JSON."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+        if libc.mallopt(M_MMAP_MAX, 0) and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1):
+            return "glibc, freed memory kept (mmap off, no trim)"
+    except (OSError, AttributeError):
+        pass
+    return "default"
+
+
+def run_distributed(args) -> dict:
+    import torch.distributed as dist
+
+    from dsmoe.parallel.mesh import init_mesh, shutdown
+
+    malloc = "default"
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads or 1)  # ranks share the cores
+        if not args.glibc_malloc:
+            malloc = reuse_freed_memory()
+    mesh = init_mesh(args.device, ep=args.world)  # gloo on CPU, NCCL on CUDA; experts over every rank
+    try:
+        device = mesh.device
+        torch.manual_seed(SEED)
+        rows = [bench_ep(name, SHAPES[name], tokens, args, mesh) for name in args.shapes for tokens in args.tokens]
+        goal_rows = ep_goals(rows, device.type)
+        payload = {
+            "device_type": device.type, "mode": "torchrun-expert-parallel", "backend": dist.get_backend(),
+            "world_size": mesh.world, "ep": mesh.ep, "dtype": args.dtype, "tokens_per_rank": args.tokens,
+            "warmup": args.warmup, "iters": args.iters, "quick": args.quick,
+            "threads": torch.get_num_threads() if device.type == "cpu" else None,
+            "cpu_malloc": malloc if device.type == "cpu" else None,
+            "rows": rows, "goals": goal_rows, "all_goals_met": all(gl["met"] for gl in goal_rows),
+        }
+        if mesh.is_main:
+            report_ep(rows, goal_rows, args, device)
+            if not args.no_save:
+                name = f"moe_dispatch-{'quick-' if args.quick else ''}ep{mesh.world}"
+                path = write_results(name, payload, device=device)
+                print(f"wrote {path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path}")
+        return payload
+    finally:
+        shutdown(mesh)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        # Later: torchrun mode timing the AllToAllDispatcher across EP ranks.
-        print("moe_dispatch: the torchrun / all-to-all mode is not implemented yet; run it as one process",
-              file=sys.stderr)
-        return 2
+    if args.world > 1:
+        run_distributed(args)
+        return 0
     run_single(args)
     return 0
 

@@ -120,11 +120,15 @@ _grouped_mm_broken: set = set()  # (device type, dtype) where grouped_mm raised:
 
 
 class GroupedExperts(nn.Module):
-    """E SwiGLU experts with stacked weights w_gate/w_up [E, d, f] and w_down [E, f, d]."""
+    """E SwiGLU experts with stacked weights w_gate/w_up [E, d, f] and w_down [E, f, d].
 
-    def __init__(self, n_experts: int, d_model: int, hidden: int, impl: str = "grouped"):
+    Under expert parallelism this holds experts [first, first + E) of `n_total` (its EP rank's slice)."""
+
+    def __init__(self, n_experts: int, d_model: int, hidden: int, impl: str = "grouped",
+                 n_total: int | None = None, first: int = 0):
         super().__init__()
         self.impl = impl
+        self.n_total, self.first = n_total or n_experts, first
         self.w_gate = nn.Parameter(torch.empty(n_experts, d_model, hidden))
         self.w_up = nn.Parameter(torch.empty(n_experts, d_model, hidden))
         self.w_down = nn.Parameter(torch.empty(n_experts, hidden, d_model))
@@ -176,7 +180,8 @@ class MoE(nn.Module):
         self.router = Router(cfg)
         self.dispatcher = dispatcher or LocalDispatcher(e.n_routed_experts, drops=e.capacity_factor is not None)
         self.experts = GroupedExperts(self.dispatcher.n_local_experts, cfg.model.d_model, e.expert_hidden,
-                                      e.expert_impl)
+                                      e.expert_impl, n_total=e.n_routed_experts,
+                                      first=getattr(self.dispatcher, "first_expert", 0))
         self.shared = SwiGLU(cfg.model.d_model, e.n_shared_experts * e.expert_hidden) if e.n_shared_experts else None
 
     def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, Routing]:

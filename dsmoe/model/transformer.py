@@ -85,9 +85,9 @@ class Transformer(nn.Module):
             elif isinstance(module, MoE):
                 nn.init.normal_(module.router.weight, 0.0, std)
                 module.router.expert_bias.zero_()
-                nn.init.normal_(module.experts.w_gate, 0.0, std)
-                nn.init.normal_(module.experts.w_up, 0.0, std)
-                nn.init.normal_(module.experts.w_down, 0.0, resid_std)
+                ex = module.experts
+                for w, w_std in ((ex.w_gate, std), (ex.w_up, std), (ex.w_down, resid_std)):
+                    _init_expert_slice(w, w_std, ex.first, ex.n_total)
 
     def forward(self, idx_BS: torch.Tensor, targets_BS: Optional[torch.Tensor] = None,
                 block_fn: Optional[Callable] = None) -> ModelOutput:
@@ -134,6 +134,19 @@ class Transformer(nn.Module):
                 nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)
             idx_BS = torch.cat([idx_BS, nxt], dim=1)
         return idx_BS
+
+
+def _init_expert_slice(w: torch.Tensor, std: float, first: int, n_total: int) -> None:
+    """Draw the whole [n_total, ...] stack, as one process would, and keep this slice's rows.
+
+    Every rank then consumes the single-process RNG stream, so an expert-parallel model starts equal
+    to the single-process one; only one full expert tensor exists at a time."""
+    if w.shape[0] == n_total:
+        nn.init.normal_(w, 0.0, std)
+        return
+    full = torch.empty((n_total, *w.shape[1:]), dtype=w.dtype, device=w.device)
+    nn.init.normal_(full, 0.0, std)
+    w.copy_(full[first:first + w.shape[0]])
 
 
 # ----------------------------------------------------------------------------- counts

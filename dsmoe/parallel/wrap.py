@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -12,11 +12,16 @@ from dsmoe.config import ParallelConfig
 from dsmoe.parallel.mesh import Mesh
 
 
-def wrap_ddp(model: torch.nn.Module, mesh: Mesh, p: ParallelConfig) -> torch.nn.Module:
+def wrap_ddp(model: torch.nn.Module, mesh: Mesh, p: ParallelConfig, ignore: Sequence[str] = ()) -> torch.nn.Module:
     """DDP over the world. Every expert is in every step's graph, so no find_unused_parameters;
-    the routing bias is updated identically on every rank, so buffers need no broadcast."""
+    the routing bias is updated identically on every rank, so buffers need no broadcast.
+
+    `ignore`: parameter names DDP neither broadcasts at start nor all-reduces (expert-parallel shards:
+    each rank holds different experts; their gradients are reduced over edp by ExpertShards)."""
     if not mesh.distributed:
         return model
+    if ignore:
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(ignore))
     with warnings.catch_warnings():
         # broadcast_buffers is deprecated, but still the only switch that also skips the init sync
         warnings.simplefilter("ignore", FutureWarning)

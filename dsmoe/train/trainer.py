@@ -17,6 +17,8 @@ from dsmoe.data import TokenBatches, ensure_prepared, get_tokenizer, load_prepar
 from dsmoe.metrics.logger import RunLogger, fmt_tokens
 from dsmoe.model import Transformer, flops_per_token, param_breakdown, update_expert_bias
 from dsmoe.params import fmt_count
+from dsmoe.parallel.dispatch import make_dispatcher
+from dsmoe.parallel.expert_state import ExpertShards, is_expert_param
 from dsmoe.parallel.mesh import Mesh, init_mesh
 from dsmoe.parallel.wrap import block_fn_for, wrap_ddp
 from dsmoe.train.checkpoint import (check_compatible, checkpoint_path, load_checkpoint, resolve_resume,
@@ -41,7 +43,13 @@ class Trainer:
         self._load_data()
 
         torch.manual_seed(t.seed)  # same init on every rank
-        self.model = Transformer(cfg, self.vocab_size).to(self.device)
+        self.model = self._build_model().to(self.device)
+        # expert parallelism: routed-expert shards stay out of DDP and are reduced over edp only
+        self.experts = None
+        if self.mesh.ep > 1 and any(is_expert_param(n) for n, _ in self.model.named_parameters()):
+            self.experts = ExpertShards.of(self.model, self.mesh, cfg.moe.n_routed_experts)
+        self.replicated_params = [p for n, p in self.model.named_parameters() if not is_expert_param(n)] \
+            if self.experts else list(self.model.parameters())
         self.optimizer = build_optimizer(self.model, t)
         self.scaler = grad_scaler(self.precision, self.device)
         self.block_fn = block_fn_for(cfg.parallel)
@@ -53,11 +61,20 @@ class Trainer:
         self.resumed_from = resolve_resume(resume, self.run_dir)
         if self.resumed_from is not None:
             self._restore(self.resumed_from)
-        self.wrapped = wrap_ddp(self.model, self.mesh, cfg.parallel)
+        self.wrapped = wrap_ddp(self.model, self.mesh, cfg.parallel, ignore=self.experts.names if self.experts else ())
         self.tokens_per_step = self.mesh.world * t.micro_batch * t.grad_accum * t.seq_len
         self.flops_per_token = flops_per_token(self.model, t.seq_len)
 
     # ------------------------------------------------------------------------- set-up
+
+    def _build_model(self) -> Transformer:
+        """The model on the CPU; under parallel.ep > 1 each MoE layer holds only this EP rank's experts
+        (expert e on EP rank e // (E / ep)), initialised equal to the single-process model's rows."""
+        if self.mesh.ep == 1:
+            return Transformer(self.cfg, self.vocab_size)
+        E, drops = self.cfg.moe.n_routed_experts, self.cfg.moe.capacity_factor is not None
+        return Transformer(self.cfg, self.vocab_size,
+                           dispatcher_factory=lambda layer: make_dispatcher(E, self.mesh, drops=drops))
 
     def _load_data(self) -> None:
         d, t = self.cfg.data, self.cfg.train
@@ -72,14 +89,26 @@ class Trainer:
         self.data_meta, train_tokens, val_tokens = load_prepared(data_dir)
         m = self.mesh
         self.batches = TokenBatches(train_tokens, t.seq_len, t.micro_batch, rank=m.rank, world=m.world, seed=t.seed)
-        self.val = []
+        self.val, self.val_counted = [], 0
         if t.eval_every and len(val_tokens) > t.seq_len + 1:
             all_val = val_batches(val_tokens, t.seq_len, t.micro_batch, t.eval_batches)
             self.val = all_val[m.rank::m.world]
+            self.val_counted = len(self.val)
+            # Every rank runs as many batches: under expert parallelism each MoE forward is a collective
+            # of the EP group, and evaluate() ends in an all-reduce. Short shards repeat a batch that
+            # is run but not counted.
+            self.val += [all_val[0]] * (-(-len(all_val) // m.world) - len(self.val))
 
     def _restore(self, path: Path) -> None:
         state = load_checkpoint(path)
-        check_compatible(state, self.cfg.model_dict(), self.model.state_dict(), path)
+        # checkpoints hold every expert (single-process layout): compare with the full shapes, then
+        # keep this rank's rows
+        model_state = self.model.state_dict()
+        if self.experts is not None:
+            model_state = self.experts.full_shapes(model_state)
+        check_compatible(state, self.cfg.model_dict(), model_state, path)
+        if self.experts is not None:
+            self.experts.take_slice(state, self.optimizer)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
@@ -134,8 +163,13 @@ class Trainer:
                 counts = out.expert_counts if counts is None else counts + out.expert_counts
                 dropped = out.dropped if dropped is None else dropped + out.dropped
 
+        param_sets = [(self.replicated_params, None)]
+        if self.experts is not None:
+            self.experts.reduce_grads()  # DDP reduced the rest on the last micro-batch's backward
+            param_sets.append((self.experts.params, self.mesh.ep_group))  # sharded over the EP group
         self.scaler.unscale_(self.optimizer)
-        grad_norm = clip_grad_norm([(list(self.model.parameters()), None)], t.grad_clip)
+        self._sync_found_inf()
+        grad_norm = clip_grad_norm(param_sets, t.grad_clip)
         scale_before = self.scaler.get_scale()
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -155,16 +189,25 @@ class Trainer:
         self.tokens_seen += self.tokens_per_step
         return {"loss_sum": loss_sum, "grad_norm": grad_norm, "lr": lr, "counts": counts, "dropped": dropped}
 
+    def _sync_found_inf(self) -> None:
+        """fp16: GradScaler looks at this rank's gradients only. Replicated ones agree everywhere, expert
+        shards do not, so an inf in one shard must skip the step on every rank (MAX over the world)."""
+        if self.experts is None or not self.scaler.is_enabled():
+            return
+        for found in self.scaler._per_optimizer_states[id(self.optimizer)]["found_inf_per_device"].values():
+            dist.all_reduce(found, op=dist.ReduceOp.MAX)
+
     @torch.no_grad()
     def evaluate(self) -> Optional[dict]:
         if not self.val:
             return None
         self.model.eval()
         total = torch.zeros(2, device=self.device)
-        for x, y in self.val:
+        for i, (x, y) in enumerate(self.val):
             with autocast(self.precision, self.device):
                 out = self.model(x.to(self.device), y.to(self.device))
-            total += torch.stack([out.ce_loss.float(), torch.ones((), device=self.device)])
+            if i < self.val_counted:  # the rest are padding (see _load_data)
+                total += torch.stack([out.ce_loss.float(), torch.ones((), device=self.device)])
         if self.mesh.distributed:
             dist.all_reduce(total)
         loss = (total[0] / total[1]).item()
@@ -187,10 +230,16 @@ class Trainer:
         return results
 
     def checkpoint_state(self) -> dict:
-        """The full state to continue from; every rank must call it (RNG states are gathered)."""
+        """The full state to continue from; every rank must call it (RNG states are gathered).
+
+        Under expert parallelism rank 0's copy holds every expert (gathered from its EP group), so
+        the file is exactly a single-process checkpoint and resumes at any ep."""
+        model_state, optim_state = self.model.state_dict(), self.optimizer.state_dict()
+        if self.experts is not None:
+            self.experts.gather_state(model_state, optim_state, self.optimizer)
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model_state,
+            "optimizer": optim_state,
             "scaler": self.scaler.state_dict(),
             "progress": {"step": self.step, "sched_step": self.sched_step, "batches_consumed": self.batches_consumed,
                          "tokens_seen": self.tokens_seen, "skipped_overflow": self.skipped_overflow},
@@ -219,7 +268,9 @@ class Trainer:
             "model": f"{self.cfg.model.name} ({self.cfg.attention.kind}, {self.cfg.moe.n_routed_experts} routed "
                      f"+ {self.cfg.moe.n_shared_experts} shared, top-{self.cfg.moe.top_k})",
             "parameters": f"{fmt_count(b['total'])} total, {fmt_count(b['active'])} active per token",
-            "layout": f"world {m.world} (edp {m.edp} x ep {m.ep}) on {self.device}",
+            "layout": f"world {m.world} (edp {m.edp} x ep {m.ep}) on {self.device}"
+                      + (f", {self.experts.n_local} of {self.experts.n_experts} routed experts per rank"
+                         if self.experts else ""),
             "precision": self.precision,
             "tokens / step": f"{fmt_tokens(self.tokens_per_step)} = {m.world} ranks x {t.micro_batch} x "
                              f"{t.grad_accum} accum x {t.seq_len}",
@@ -253,8 +304,13 @@ class Trainer:
                     if val:
                         log.log({"step": self.step, **val})
                         history.append({"step": self.step, **val})
-                if self.mesh.is_main and t.sample_every and (self.step % t.sample_every == 0 or self.step == end):
-                    self._write_samples(self.sample(), log)
+                if t.sample_every and (self.step % t.sample_every == 0 or self.step == end) and \
+                        (self.mesh.is_main or self.mesh.ep > 1):
+                    # under expert parallelism every rank samples (same generator seed, same lengths),
+                    # since each MoE forward is a collective of the EP group; rank 0 writes
+                    samples = self.sample()
+                    if self.mesh.is_main:
+                        self._write_samples(samples, log)
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step != end:
                     self.save()
             if cfg.checkpoint.save_final:
