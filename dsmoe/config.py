@@ -164,7 +164,7 @@ class GuardConfig:
     inject_spike_step: Optional[int] = doc(None, "fault injection: multiply the loss by 100 at this step")
     inject_kill_step: Optional[int] = doc(None, "fault injection: SIGKILL a rank at this step (once per run dir)")
     inject_kill_rank: int = doc(0, "fault injection: the rank killed")
-    inject_kill_in_save: bool = doc(False, "fault injection: kill the rank in the middle of a checkpoint write")
+    inject_kill_in_save: Optional[int] = doc(None, "fault injection: kill rank 0 while it writes this step's checkpoint")
 
 
 @dataclass

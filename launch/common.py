@@ -51,6 +51,7 @@ def run_training(argv: list[str], description: str) -> int:
     """Build the trainer from the command line and train; clear errors exit with status 2."""
     from dsmoe.parallel.mesh import shutdown
     from dsmoe.train.checkpoint import CheckpointError
+    from dsmoe.train.guard import TrainingAborted
     from dsmoe.train.trainer import Trainer
 
     args, cfg = parse_args(argv, description)
@@ -67,6 +68,9 @@ def run_training(argv: list[str], description: str) -> int:
     except (ConfigError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (TrainingAborted, MemoryError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     finally:
         if trainer is not None:
             shutdown(trainer.mesh)

@@ -26,7 +26,7 @@ def test_guard_flags_nonfinite_and_spikes_single_process():
     bad = g.check(torch.tensor(float("nan")), torch.tensor(1.0), None)
     assert bad.bad and bad.what == ["loss"] and bad.ranks == [0]
     bad = g.check(torch.tensor(2.0), torch.tensor(float("inf")), torch.tensor(False))
-    assert bad.what == ["grad_norm", "params"]
+    assert bad.what == ["grad_norm", "params"] and bad.ranks == []
     for x in (2.0, 2.1, 1.9):
         assert not g.check(torch.tensor(x), torch.tensor(1.0), None).bad
     spike = g.check(torch.tensor(9.0), torch.tensor(1.0), None)

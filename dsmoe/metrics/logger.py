@@ -12,8 +12,10 @@ import time
 from pathlib import Path
 from typing import Optional
 
-CSV_FIELDS = ["step", "loss", "lr", "grad_norm", "tokens_per_s", "tokens_seen", "step_time_s",
-              "val_loss", "val_ppl", "expert_imbalance", "dropped_frac", "bias_range", "mem_gb", "rss_gb"]
+CSV_FIELDS = ["step", "loss", "lr", "grad_norm", "tokens_per_s", "tokens_per_s_per_device", "mfu", "tokens_seen",
+              "step_time_s", "data_ms", "forward_ms", "backward_ms", "optimizer_ms", "val_loss", "val_ppl",
+              "expert_imbalance", "dropped_frac", "bias_range", "mem_gb", "mem_reserved_gb", "alloc_retries", "ooms",
+              "rss_gb", "skipped_overflow", "guard_events"]
 
 
 def fmt_tokens(n: float) -> str:

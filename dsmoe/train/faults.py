@@ -19,6 +19,7 @@ class FaultInjector:
     def __init__(self, cfg: GuardConfig, rank: int, run_dir: Path):
         self.cfg, self.rank, self.run_dir = cfg, rank, run_dir
         self.step = 0  # the optimizer step being computed (1-based once training starts)
+        self.spent: set = set()  # injections already delivered: a rollback replays the step number, not the fault
 
     def attach(self, model: torch.nn.Module) -> None:
         """A forward hook that turns the chosen module's output into NaN at the chosen step."""
@@ -30,7 +31,7 @@ class FaultInjector:
                              f"model; e.g. {', '.join(list(modules)[1:6])}")
 
         def hook(module, inputs, output):
-            if self.step == self.cfg.inject_nan_step:
+            if self.step == self.cfg.inject_nan_step and "nan" not in self.spent:
                 first = output[0] if isinstance(output, tuple) else output
                 poisoned = first * float("nan")
                 return (poisoned, *output[1:]) if isinstance(output, tuple) else poisoned
@@ -39,7 +40,14 @@ class FaultInjector:
         modules[self.cfg.inject_nan_module].register_forward_hook(hook)
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
-        return loss * 100.0 if self.step == self.cfg.inject_spike_step else loss
+        return loss * 100.0 if self.step == self.cfg.inject_spike_step and "spike" not in self.spent else loss
+
+    def step_done(self) -> None:
+        """Called when the step (and any replay of it) is over."""
+        if self.step == self.cfg.inject_nan_step:
+            self.spent.add("nan")
+        if self.step == self.cfg.inject_spike_step:
+            self.spent.add("spike")
 
     def _kill_once(self, tag: str) -> None:
         marker = self.run_dir / f".injected-{tag}-rank{self.rank}"
@@ -55,6 +63,6 @@ class FaultInjector:
 
     def save_hook(self) -> Callable[[], None] | None:
         """Called between writing a checkpoint's temporary file and renaming it."""
-        if not self.cfg.inject_kill_in_save:
+        if self.cfg.inject_kill_in_save is None or self.step != self.cfg.inject_kill_in_save:
             return None
         return lambda: self._kill_once("kill-in-save")

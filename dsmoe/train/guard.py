@@ -29,7 +29,7 @@ class TrainingAborted(RuntimeError):
 class StepVerdict:
     bad: bool
     what: list[str]  # the quantities that tripped: loss, grad_norm, params, spike
-    ranks: list[int]  # ranks that saw them (where a rank-local quantity tripped)
+    ranks: list[int]  # ranks whose own loss was non-finite
     zscore: Optional[float] = None
 
 
@@ -80,7 +80,7 @@ class Guard:
         local[1] = (~torch.isfinite(grad_norm)).float()
         if params_finite is not None:
             local[2] = (~params_finite).float()
-        if local[:3].any():
+        if local[0] > 0:  # the loss is rank-local; gradients are already mixed by the all-reduce
             local[len(QUANTITIES) + self.rank] = 1.0
         # the spike test needs the mean loss over ranks: send the loss along in the same collective
         local = torch.cat([local, loss.detach().float().reshape(1).to(device) / self.world])

@@ -15,14 +15,17 @@ import torch.distributed as dist
 from dsmoe.config import Config, ConfigError, dump_yaml
 from dsmoe.data import TokenBatches, ensure_prepared, get_tokenizer, load_prepared, padded_vocab_size, val_batches
 from dsmoe.metrics.logger import RunLogger, fmt_tokens
+from dsmoe.metrics.throughput import StepTimer, device_label, mfu, peak_tflops
 from dsmoe.model import Transformer, flops_per_token, param_breakdown, update_expert_bias
 from dsmoe.params import fmt_count
 from dsmoe.parallel.dispatch import make_dispatcher
 from dsmoe.parallel.expert_state import ExpertShards, is_expert_param
 from dsmoe.parallel.mesh import Mesh, init_mesh
 from dsmoe.parallel.wrap import block_fn_for, wrap_ddp
-from dsmoe.train.checkpoint import (check_compatible, checkpoint_path, load_checkpoint, resolve_resume,
-                                    save_checkpoint)
+from dsmoe.train.checkpoint import (check_compatible, checkpoint_path, latest_checkpoint, load_checkpoint,
+                                    resolve_resume, save_checkpoint)
+from dsmoe.train.faults import FaultInjector
+from dsmoe.train.guard import Guard, StepVerdict, TrainingAborted, localize, params_all_finite, write_report
 from dsmoe.train.optim import build_optimizer, clip_grad_norm, lr_at
 from dsmoe.train.precision import autocast, grad_scaler, resolve_precision
 
@@ -58,12 +61,20 @@ class Trainer:
         self.batches_consumed = 0  # micro-batch index into the data order
         self.tokens_seen = 0
         self.skipped_overflow = 0
+        self.lr_scale = 1.0  # lowered by each guard rollback
+        self.guard = Guard(cfg.guard, self.mesh.rank, self.mesh.world) if cfg.guard.policy != "off" else None
+        self.faults = FaultInjector(cfg.guard, self.mesh.rank, self.run_dir)
+        self.faults.attach(self.model)
+        self.events: list[dict] = []  # guard events of this run, for logs and tests
+        self.timer = StepTimer(self.device)
+        self.log: Optional[RunLogger] = None
         self.resumed_from = resolve_resume(resume, self.run_dir)
         if self.resumed_from is not None:
             self._restore(self.resumed_from)
         self.wrapped = wrap_ddp(self.model, self.mesh, cfg.parallel, ignore=self.experts.names if self.experts else ())
         self.tokens_per_step = self.mesh.world * t.micro_batch * t.grad_accum * t.seq_len
         self.flops_per_token = flops_per_token(self.model, t.seq_len)
+        self.peak_tflops = peak_tflops(device_label(self.device), self.precision, cfg.log.peak_tflops)
 
     # ------------------------------------------------------------------------- set-up
 
@@ -114,6 +125,9 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         for key in ("step", "sched_step", "batches_consumed", "tokens_seen", "skipped_overflow"):
             setattr(self, key, int(state["progress"][key]))
+        self.lr_scale = float(state["progress"].get("lr_scale", 1.0))
+        if self.guard is not None and "guard" in state:
+            self.guard.load_state_dict(state["guard"])
         rng = state["rng"]
         if self.mesh.rank < rng["cpu"].shape[0]:  # a rank beyond the saved world keeps its seeded state
             # clone: set_rng_state reads a row view from its storage's start (and can crash)
@@ -141,24 +155,28 @@ class Trainer:
 
     def train_step(self) -> dict:
         t = self.cfg.train
+        self.faults.step = self.step + 1
+        self.faults.maybe_kill()
         self.wrapped.train()
-        lr = lr_at(self.sched_step, t)
+        first_batch = self.batches_consumed
+        lr = lr_at(self.sched_step, t) * self.lr_scale
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=self.device)
         counts = dropped = None
         for micro in range(t.grad_accum):
-            x, y = self.batches.batch(self.batches_consumed)
+            with self.timer.phase("data"):
+                x, y = self._batch(self.batches_consumed)
             self.batches_consumed += 1
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             last = micro == t.grad_accum - 1
             # gradients are all-reduced once per optimizer step, on the last micro-batch
             sync = contextlib.nullcontext() if last or not self.mesh.distributed else self.wrapped.no_sync()
             with sync:
-                with autocast(self.precision, self.device):
+                with self.timer.phase("forward"), autocast(self.precision, self.device):
                     out = self.wrapped(x, y, block_fn=self.block_fn)
-                self.scaler.scale(out.loss / t.grad_accum).backward()
-            loss_sum += out.ce_loss.detach()
+                with self.timer.phase("backward"):
+                    self.scaler.scale(self.faults.scale_loss(out.loss) / t.grad_accum).backward()
+            loss_sum += self.faults.scale_loss(out.ce_loss.detach())
             if out.expert_counts is not None:
                 counts = out.expert_counts if counts is None else counts + out.expert_counts
                 dropped = out.dropped if dropped is None else dropped + out.dropped
@@ -167,13 +185,14 @@ class Trainer:
         if self.experts is not None:
             self.experts.reduce_grads()  # DDP reduced the rest on the last micro-batch's backward
             param_sets.append((self.experts.params, self.mesh.ep_group))  # sharded over the EP group
-        self.scaler.unscale_(self.optimizer)
-        self._sync_found_inf()
-        grad_norm = clip_grad_norm(param_sets, t.grad_clip)
-        scale_before = self.scaler.get_scale()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
+        with self.timer.phase("optimizer"):
+            grad_norm, verdict, scale_before = self._optimizer_step(param_sets, loss_sum / t.grad_accum)
+        if verdict is not None and verdict.bad:  # dropped on every rank: no update, schedule or bias step
+            self.step += 1
+            self.tokens_seen += self.tokens_per_step
+            self._on_bad_step(verdict, first_batch)
+            self.faults.step_done()
+            return {"loss_sum": loss_sum, "grad_norm": grad_norm, "lr": lr, "counts": None, "dropped": None}
         overflow = self.precision == "fp16" and self.scaler.get_scale() < scale_before
         if counts is not None and self.mesh.distributed:
             dist.all_reduce(counts)  # the bias must stay identical on every rank
@@ -187,7 +206,114 @@ class Trainer:
                     update_expert_bias(moe.router, layer_counts, self.cfg.moe.bias_update_rate)
         self.step += 1
         self.tokens_seen += self.tokens_per_step
+        if self.guard is not None and self.cfg.guard.check_params:
+            self._check_params()
+        self.faults.step_done()
         return {"loss_sum": loss_sum, "grad_norm": grad_norm, "lr": lr, "counts": counts, "dropped": dropped}
+
+    def _optimizer_step(self, param_sets, mean_loss):
+        """Unscale, clip, ask the guard, and step unless it says no. Returns (norm, verdict, scale before)."""
+        self.scaler.unscale_(self.optimizer)
+        self._sync_found_inf()
+        grad_norm = clip_grad_norm(param_sets, self.cfg.train.grad_clip)
+        verdict = None
+        if self.guard is not None:
+            # fp16: an inf gradient is GradScaler's overflow (skipped and counted), not a NaN event
+            norm_for_guard = torch.zeros_like(grad_norm) if self.precision == "fp16" else grad_norm
+            verdict = self.guard.check(mean_loss, norm_for_guard, None)
+        scale_before = self.scaler.get_scale()
+        if verdict is None or not verdict.bad:
+            self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm, verdict, scale_before
+
+    def _batch(self, index: int):
+        x, y = self.batches.batch(index)
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    # ------------------------------------------------------------------------- guard
+
+    def _params_finite_everywhere(self) -> bool:
+        ok = params_all_finite(self.model).float()
+        if self.mesh.distributed:
+            dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # expert shards differ between ranks
+        return bool(ok.item())
+
+    def _check_params(self) -> None:
+        """Non-finite parameters after an update cannot be skipped: roll back, or abort."""
+        if self._params_finite_everywhere():
+            return
+        verdict = StepVerdict(True, ["params"], [])
+        self._record_event(verdict)
+        if self.cfg.guard.policy == "rollback":
+            self._rollback()
+        else:
+            self._abort(f"step {self.step}: non-finite parameters after the update")
+
+    def _record_event(self, verdict: StepVerdict) -> dict:
+        event = {"step": self.step, "what": verdict.what, "ranks": verdict.ranks, "zscore": verdict.zscore,
+                 "policy": self.cfg.guard.policy}
+        self.events.append(event)
+        if self.log is not None:
+            ranks = f" on rank(s) {verdict.ranks}" if verdict.ranks else ""
+            self.log.warn(f"step {self.step}: {', '.join(verdict.what)} tripped the guard{ranks} "
+                          f"-> {self.cfg.guard.policy}" + (f" (z={verdict.zscore:.1f})" if verdict.zscore else ""))
+        return event
+
+    def _on_bad_step(self, verdict: StepVerdict, first_batch: int) -> None:
+        """Skip (every rank alike), then localise the first event, then roll back or abort if asked."""
+        g = self.cfg.guard
+        first_event = not self.events
+        self._record_event(verdict)
+        if g.localize and first_event and "spike" not in verdict.what:
+            self._localize(first_batch)
+        if g.policy == "abort":
+            self._abort(f"step {self.step}: {', '.join(verdict.what)} non-finite on ranks {verdict.ranks}")
+        if g.policy == "rollback" and self.guard.record_bad(self.step):
+            self._rollback()
+
+    def _localize(self, first_batch: int) -> None:
+        """Replay the step's micro-batches with hooks; every rank replays all of them (EP collectives)."""
+        report = None
+        for i in range(self.cfg.train.grad_accum):
+            x, y = self._batch(first_batch + i)
+
+            def run(x=x, y=y):
+                with autocast(self.precision, self.device):
+                    return self.faults.scale_loss(self.model(x, y).loss)
+
+            found = localize(self.model, run, self.step, self.mesh.rank)
+            report = report or found
+        if report is not None:
+            path = write_report(self.run_dir, report)
+            self.events[-1]["report"] = report
+            if self.log is not None:
+                self.log.warn(f"first non-finite value: {report['phase']} of {report['module']} "
+                              f"({report.get('type')}) at step {report['step']} on rank {report['rank']} -> {path}")
+
+    def _rollback(self) -> None:
+        g = self.cfg.guard
+        if self.guard.rollbacks >= g.max_rollbacks:
+            self._abort(f"{self.guard.rollbacks} rollbacks did not help")
+        path = latest_checkpoint(self.run_dir)
+        if path is None:
+            self._abort("no checkpoint to roll back to (set checkpoint.every)")
+        position, lr_scale, guard_state = self.batches_consumed, self.lr_scale, self.guard.state_dict()
+        self._restore(path)
+        self.batches_consumed = position  # skip past the data that went bad
+        self.guard.load_state_dict(guard_state)
+        self.guard.rollbacks += 1
+        self.guard.bad_steps.clear()
+        self.lr_scale = lr_scale * g.rollback_lr_factor
+        if self.log is not None:
+            self.log.warn(f"rolled back to {path.name} (step {self.step}), data position kept at "
+                          f"{position}, learning rate x{self.lr_scale:g}")
+
+    def _abort(self, why: str) -> None:
+        events = "\n".join(f"  step {e['step']}: {', '.join(e['what'])} ranks {e['ranks']}" for e in self.events)
+        raise TrainingAborted(f"training aborted: {why}; nothing was saved from the bad state.\n"
+                              f"events:\n{events}\nlast good checkpoint: {latest_checkpoint(self.run_dir)}")
 
     def _sync_found_inf(self) -> None:
         """fp16: GradScaler looks at this rank's gradients only. Replicated ones agree everywhere, expert
@@ -242,7 +368,9 @@ class Trainer:
             "optimizer": optim_state,
             "scaler": self.scaler.state_dict(),
             "progress": {"step": self.step, "sched_step": self.sched_step, "batches_consumed": self.batches_consumed,
-                         "tokens_seen": self.tokens_seen, "skipped_overflow": self.skipped_overflow},
+                         "tokens_seen": self.tokens_seen, "skipped_overflow": self.skipped_overflow,
+                         "lr_scale": self.lr_scale},
+            "guard": self.guard.state_dict() if self.guard is not None else {},
             "rng": self._gather_rng(),
             "config": self.cfg.to_dict(),
             "layout": {"world": self.mesh.world, "ep": self.mesh.ep},
@@ -251,10 +379,16 @@ class Trainer:
         }
 
     def save(self) -> Optional[Path]:
+        """Every rank calls it; never writes from non-finite parameters."""
+        if not self._params_finite_everywhere():
+            if self.log is not None:
+                self.log.warn(f"step {self.step}: parameters are not finite: checkpoint not written")
+            return None
         state = self.checkpoint_state()
         path = None
         if self.mesh.is_main:
-            path = save_checkpoint(state, checkpoint_path(self.run_dir, self.step), self.cfg.checkpoint.keep_last)
+            path = save_checkpoint(state, checkpoint_path(self.run_dir, self.step), self.cfg.checkpoint.keep_last,
+                                   before_commit=self.faults.save_hook())
         if self.mesh.distributed:
             dist.barrier()  # nobody races ahead of a checkpoint that is still being written
         return path
@@ -283,7 +417,7 @@ class Trainer:
     def fit(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
         end = min(t.steps, t.stop_after) if t.stop_after is not None else t.steps
-        log = RunLogger(self.run_dir, self.mesh.rank, t.steps, cfg.log.rich, start_step=self.step)
+        log = self.log = RunLogger(self.run_dir, self.mesh.rank, t.steps, cfg.log.rich, start_step=self.step)
         if self.mesh.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
@@ -317,8 +451,14 @@ class Trainer:
                 path = self.save()
                 if path:
                     log.print(f"checkpoint: {path}")
+        except torch.OutOfMemoryError as e:
+            raise MemoryError(f"out of memory at step {self.step + 1}: see `python -m dsmoe.estimate CONFIG --world "
+                              f"{self.mesh.world}` for what fits: lower train.micro_batch (raise train.grad_accum to "
+                              f"keep the batch), set parallel.activation_checkpointing=full, or split the experts "
+                              f"with --parallel.ep\n{e}") from e
         finally:
             log.close()
+            self.log = None
         return {"history": history, "step": self.step}
 
     def _log_row(self, stats: dict, last: dict) -> dict:
@@ -327,12 +467,21 @@ class Trainer:
             dist.all_reduce(loss)
             loss = loss / self.mesh.world
         elapsed = time.perf_counter() - last["time"]
-        steps = self.step - last["step"]
+        steps = max(self.step - last["step"], 1)  # a rollback moves the step back
+        tokens_per_s = self.tokens_per_step * steps / max(elapsed, 1e-9)
         row = {"step": self.step, "loss": loss.item(), "lr": stats["lr"], "grad_norm": stats["grad_norm"].item(),
-               "tokens_seen": self.tokens_seen, "step_time_s": elapsed / max(steps, 1),
-               "tokens_per_s": self.tokens_per_step * steps / max(elapsed, 1e-9)}
+               "tokens_seen": self.tokens_seen, "step_time_s": elapsed / steps, "tokens_per_s": tokens_per_s,
+               "tokens_per_s_per_device": tokens_per_s / self.mesh.world,
+               "mfu": mfu(tokens_per_s, self.flops_per_token, self.peak_tflops, self.mesh.world)}
+        row.update({f"{phase}_ms": ms / steps for phase, ms in self.timer.take().items()})
         if self.device.type == "cuda":
-            row["mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            mem = torch.cuda.memory_stats(self.device)
+            row["mem_gb"] = mem.get("allocated_bytes.all.peak", 0) / 2**30
+            row["mem_reserved_gb"] = mem.get("reserved_bytes.all.peak", 0) / 2**30
+            row["alloc_retries"], row["ooms"] = mem.get("num_alloc_retries", 0), mem.get("num_ooms", 0)
+            if (row["alloc_retries"] or row["ooms"]) and self.log is not None:
+                self.log.warn(f"the CUDA allocator retried {row['alloc_retries']} times ({row['ooms']} OOMs): memory "
+                              f"is tight; see python -m dsmoe.estimate")
         row["rss_gb"] = psutil.Process().memory_info().rss / 2**30
         if stats["counts"] is not None:
             counts = stats["counts"].float()
@@ -341,8 +490,12 @@ class Trainer:
             row["dropped_frac"] = (stats["dropped"].sum() / counts.sum().clamp(min=1)).item()
             biases = torch.stack([m.router.expert_bias for m in self.model.moe_modules()])
             row["bias_range"] = (biases.max() - biases.min()).item()
+            if self.cfg.log.expert_stats:
+                row["tokens_per_expert"] = counts.int().tolist()  # [moe layer][expert], this step
         if self.skipped_overflow:
             row["skipped_overflow"] = self.skipped_overflow
+        if self.events:
+            row["guard_events"] = len(self.events)
         return row
 
     def _write_samples(self, samples: list[dict], log: RunLogger) -> None:

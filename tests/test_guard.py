@@ -1,0 +1,122 @@
+"""NaN guards and faults end to end: skip on every rank, rollback, abort, localisation, killed ranks."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, small_config
+from distributed import run_workers
+from dsmoe.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from dsmoe.train.guard import TrainingAborted
+from dsmoe.train.trainer import Trainer
+
+
+def skip_worker(rank, world, run_dir, cache):
+    """NaN on rank 1 only at step 3: every rank drops the same step and keeps its parameters."""
+    t = Trainer(small_config(run_dir, cache, "--guard.inject_nan_step=3", "--guard.inject_nan_rank=1",
+                             "--guard.inject_nan_module=layers.1.ffn"))
+    t.train_step()
+    t.train_step()
+    before = {k: v.clone() for k, v in t.model.state_dict().items()}
+    sched, consumed = t.sched_step, t.batches_consumed
+    t.train_step()
+    unchanged = all(torch.equal(before[k], v) for k, v in t.model.state_dict().items())
+    skipped = {"unchanged": unchanged, "sched_step": (sched, t.sched_step), "consumed": t.batches_consumed - consumed,
+               "events": [{k: e[k] for k in ("step", "what", "ranks")} for e in t.events]}
+    t.train_step()
+    skipped["moved_after"] = not all(torch.equal(before[k], v) for k, v in t.model.state_dict().items())
+    return skipped
+
+
+def test_nan_on_one_rank_skips_the_same_step_everywhere(tmp_path, data_cache):
+    results = run_workers(skip_worker, 2, (tmp_path, data_cache))
+    for r in results:
+        assert r["unchanged"] and r["moved_after"]
+        assert r["sched_step"] == (2, 2) and r["consumed"] == 2  # the batch is consumed, the schedule waits
+        assert r["events"] == [{"step": 3, "what": ["loss", "grad_norm"], "ranks": [1]}]
+    report = json.loads((tmp_path / "nan_report_rank1.json").read_text())
+    assert report["module"] == "layers.1.ffn" and report["phase"] == "forward" and report["step"] == 3
+    assert not (tmp_path / "nan_report_rank0.json").exists()
+
+
+def test_rollback_restores_lowers_lr_and_moves_past_the_bad_data(tmp_path, data_cache):
+    cfg = small_config(tmp_path, data_cache, "--guard.policy=rollback", "--guard.rollback_after=1",
+                       "--guard.inject_nan_step=4", "--checkpoint.every=2", "--train.steps=6")
+    t = Trainer(cfg)
+    t.fit()
+    assert [e["step"] for e in t.events] == [4]
+    assert t.guard.rollbacks == 1 and t.lr_scale == 0.5
+    assert t.step == 6 and t.batches_consumed == 2 * (6 + 2)  # steps 3-4 ran twice, on new data the second time
+    for p in t.model.parameters():
+        assert torch.isfinite(p).all()
+    state = load_checkpoint(latest_checkpoint(tmp_path))
+    assert state["progress"]["lr_scale"] == 0.5 and state["guard"]["rollbacks"] == 1
+
+
+def test_abort_writes_nothing_from_the_bad_state(tmp_path, data_cache):
+    cfg = small_config(tmp_path, data_cache, "--guard.policy=abort", "--guard.inject_nan_step=3",
+                       "--checkpoint.every=2")
+    t = Trainer(cfg)
+    with pytest.raises(TrainingAborted, match="step 3: loss, grad_norm"):
+        t.fit()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_0000002.pt"]
+
+
+def test_loss_spike_is_caught_and_skipped(tmp_path, data_cache):
+    cfg = small_config(tmp_path, data_cache, "--guard.spike_zscore=6", "--guard.spike_window=3",
+                       "--guard.inject_spike_step=5", "--train.steps=6", "--train.lr=0.0003")
+    t = Trainer(cfg)
+    t.fit()
+    assert [(e["step"], e["what"]) for e in t.events] == [(5, ["spike"])]
+    assert t.sched_step == 5
+
+
+def losses_by_step(run_dir):
+    """The last logged loss of each step (a restarted run logs some steps twice)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def torchrun(run_dir, cache, *extra, restarts=0):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "--max-restarts", str(restarts), str(REPO / "launch" / "train_ddp.py"), "--resume", "auto",
+           *small_args(run_dir, cache), *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=400, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def small_args(run_dir, cache):
+    cfg = small_config(run_dir, cache)  # the same shape as the in-process tests, as flags
+    flat = []
+    for section in ("model", "attention", "moe", "train", "checkpoint", "run", "data", "log"):
+        for k, v in getattr(cfg, section).__dict__.items():
+            if v is not None and not isinstance(v, list):
+                flat.append(f"--{section}.{k}={v}")
+    return flat
+
+
+def test_killed_rank_restarts_and_reproduces_the_losses(tmp_path, data_cache):
+    ref = torchrun(tmp_path / "ref", data_cache, "--checkpoint.every=2")
+    assert ref.returncode == 0, ref.stdout + ref.stderr
+    killed = torchrun(tmp_path / "killed", data_cache, "--checkpoint.every=2", "--guard.inject_kill_step=4",
+                      "--guard.inject_kill_rank=1", restarts=3)
+    assert killed.returncode == 0, killed.stdout + killed.stderr
+    assert (tmp_path / "killed" / ".injected-kill-step4-rank1").exists()  # the kill did happen
+    assert "resumed from" in killed.stdout and "step_0000002.pt" in killed.stdout
+    assert losses_by_step(tmp_path / "killed") == losses_by_step(tmp_path / "ref")
+
+
+def test_kill_during_checkpoint_write_loses_nothing(tmp_path, data_cache):
+    run = tmp_path / "run"
+    cmd = [sys.executable, str(REPO / "launch" / "train.py"), *small_args(run, data_cache), "--checkpoint.every=2"]
+    died = subprocess.run(cmd + ["--guard.inject_kill_in_save=4"], capture_output=True, text=True, timeout=300)
+    assert died.returncode != 0
+    assert [p.name for p in list_checkpoints(run)] == ["step_0000002.pt"]
+    assert any(p.name.startswith(".step_0000004.pt.tmp") for p in (run / "checkpoints").iterdir())
+    resumed = subprocess.run(cmd + ["--resume", "auto"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    ref = Trainer(small_config(tmp_path / "ref", data_cache, "--checkpoint.every=2"))
+    ref.fit()
+    assert losses_by_step(run) == losses_by_step(tmp_path / "ref")
