@@ -129,7 +129,8 @@ class ParallelConfig:
     reshard_after_forward: bool = doc(True, "FSDP2: free the gathered parameters after forward")
     cpu_offload: bool = doc(False, "FSDP2: keep parameters and optimizer state on the CPU")
     replicate: int = doc(1, "FSDP2: HSDP replica groups (1 = plain FSDP)")
-    timeout_s: int = doc(600, "process-group timeout at start-up (seconds)")
+    timeout_s: int = doc(600, "process-group timeout at start-up (seconds): data preparation, first steps")
+    step_timeout_s: int = doc(300, "process-group timeout once the first steps are done (seconds)")
 
 
 @dataclass
@@ -164,6 +165,8 @@ class GuardConfig:
     inject_spike_step: Optional[int] = doc(None, "fault injection: multiply the loss by 100 at this step")
     inject_kill_step: Optional[int] = doc(None, "fault injection: SIGKILL a rank at this step (once per run dir)")
     inject_kill_rank: int = doc(0, "fault injection: the rank killed")
+    inject_hang_step: Optional[int] = doc(None, "fault injection: a rank stops answering collectives at this step")
+    inject_hang_rank: int = doc(1, "fault injection: the rank that hangs")
     inject_kill_in_save: Optional[int] = doc(None, "fault injection: kill rank 0 while it writes this step's checkpoint")
 
 

@@ -120,3 +120,16 @@ def test_kill_during_checkpoint_write_loses_nothing(tmp_path, data_cache):
     ref = Trainer(small_config(tmp_path / "ref", data_cache, "--checkpoint.every=2"))
     ref.fit()
     assert losses_by_step(run) == losses_by_step(tmp_path / "ref")
+
+
+def hang_worker(rank, world, run_dir, cache):
+    Trainer(small_config(run_dir, cache, "--parallel.step_timeout_s=4", "--guard.inject_hang_step=3",
+                         "--guard.inject_hang_rank=1", "--train.steps=4")).fit()
+
+
+def test_a_hung_rank_gets_an_error_naming_the_step_and_the_rank(tmp_path, data_cache):
+    with pytest.raises(RuntimeError) as e:
+        run_workers(hang_worker, 2, (tmp_path, data_cache), timeout=45)
+    msg = str(e.value)
+    assert "rank 0: a collective of step 3" in msg and "timed out" in msg
+    assert "1" in msg.split("timed out;")[1].splitlines()[0]  # the monitored barrier names rank 1

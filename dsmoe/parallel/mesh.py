@@ -25,6 +25,7 @@ class Mesh:
     device: torch.device = torch.device("cpu")
     ep_group: Optional[dist.ProcessGroup] = None  # ranks holding different experts of one replica
     edp_group: Optional[dist.ProcessGroup] = None  # ranks holding the same experts
+    monitor_group: Optional[dist.ProcessGroup] = None  # gloo, to name the ranks missing from a hung collective
 
     @property
     def distributed(self) -> bool:
@@ -73,6 +74,7 @@ def init_mesh(device: str = "auto", ep: int = 1, timeout_s: int = 600) -> Mesh:
         backend = "nccl" if dev.type == "cuda" else "gloo"
         kwargs = {"device_id": dev} if dev.type == "cuda" else {}
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+    mesh.monitor_group = dist.new_group(backend="gloo")
     if ep > 1:
         edp = world // ep
         for i in range(edp):  # every rank creates every group, in the same order
@@ -89,3 +91,23 @@ def init_mesh(device: str = "auto", ep: int = 1, timeout_s: int = 600) -> Mesh:
 def shutdown(mesh: Mesh) -> None:
     if mesh.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def set_timeout(mesh: Mesh, seconds: int) -> None:
+    """Tighten the collectives' timeout once start-up (data preparation, first steps) is over."""
+    if not mesh.distributed:
+        return
+    from torch.distributed.distributed_c10d import _set_pg_timeout
+
+    for group in [None] + [g for g in (mesh.ep_group, mesh.edp_group) if g is not None]:
+        _set_pg_timeout(datetime.timedelta(seconds=seconds), group)
+
+
+def missing_ranks(mesh: Mesh, seconds: float) -> str:
+    """After a collective timed out: which ranks do not answer a monitored barrier."""
+    try:
+        dist.monitored_barrier(group=mesh.monitor_group, timeout=datetime.timedelta(seconds=seconds),
+                               wait_all_ranks=True)
+    except RuntimeError as e:
+        return str(e).splitlines()[0]
+    return "every rank answers now (the hang was transient or inside one group)"

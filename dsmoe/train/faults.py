@@ -61,6 +61,12 @@ class FaultInjector:
         if self.step == self.cfg.inject_kill_step and self.rank == self.cfg.inject_kill_rank:
             self._kill_once(f"kill-step{self.step}")
 
+    def maybe_hang(self) -> None:
+        if self.step == self.cfg.inject_hang_step and self.rank == self.cfg.inject_hang_rank:
+            import time
+
+            time.sleep(3600)
+
     def save_hook(self) -> Callable[[], None] | None:
         """Called between writing a checkpoint's temporary file and renaming it."""
         if self.cfg.inject_kill_in_save is None or self.step != self.cfg.inject_kill_in_save:

@@ -20,7 +20,7 @@ from dsmoe.model import Transformer, flops_per_token, param_breakdown, update_ex
 from dsmoe.params import fmt_count
 from dsmoe.parallel.dispatch import make_dispatcher
 from dsmoe.parallel.expert_state import ExpertShards, is_expert_param
-from dsmoe.parallel.mesh import Mesh, init_mesh
+from dsmoe.parallel.mesh import Mesh, init_mesh, missing_ranks, set_timeout
 from dsmoe.parallel.wrap import block_fn_for, wrap_ddp
 from dsmoe.train.checkpoint import (check_compatible, checkpoint_path, latest_checkpoint, load_checkpoint,
                                     resolve_resume, save_checkpoint)
@@ -157,6 +157,7 @@ class Trainer:
         t = self.cfg.train
         self.faults.step = self.step + 1
         self.faults.maybe_kill()
+        self.faults.maybe_hang()
         self.wrapped.train()
         first_batch = self.batches_consumed
         lr = lr_at(self.sched_step, t) * self.lr_scale
@@ -425,8 +426,11 @@ class Trainer:
         history = []
         last = {"step": self.step, "time": time.perf_counter()}
         try:
+            started = self.step
             while self.step < end:
-                stats = self.train_step()
+                if self.step == started + 2:  # start-up is over: a hang from here on is an error, soon
+                    set_timeout(self.mesh, cfg.parallel.step_timeout_s)
+                stats = self._guarded_step()
                 log.advance(self.step)
                 if self.step % t.log_every == 0 or self.step == end:
                     row = self._log_row(stats, last)
@@ -460,6 +464,17 @@ class Trainer:
             log.close()
             self.log = None
         return {"history": history, "step": self.step}
+
+    def _guarded_step(self) -> dict:
+        """A train step whose collective timeouts name the step and the ranks that stopped answering."""
+        try:
+            return self.train_step()
+        except RuntimeError as e:
+            if not self.mesh.distributed or "timeout" not in str(e).lower() and "timed out" not in str(e).lower():
+                raise
+            raise RuntimeError(f"rank {self.mesh.rank}: a collective of step {self.step + 1} (gradient all-reduce, "
+                               f"expert all-to-all or guard flag) timed out; {missing_ranks(self.mesh, self.cfg.parallel.step_timeout_s)}. "
+                               f"Check those ranks' logs; parallel.step_timeout_s sets the limit.\n{e}") from e
 
     def _log_row(self, stats: dict, last: dict) -> dict:
         loss = stats["loss_sum"] / self.cfg.train.grad_accum
