@@ -470,10 +470,12 @@ class Trainer:
         try:
             return self.train_step()
         except RuntimeError as e:
-            if not self.mesh.distributed or "timeout" not in str(e).lower() and "timed out" not in str(e).lower():
+            text = str(e).lower()
+            if not self.mesh.distributed or ("timeout" not in text and "timed out" not in text):
                 raise
+            silent = missing_ranks(self.mesh, self.cfg.parallel.step_timeout_s)
             raise RuntimeError(f"rank {self.mesh.rank}: a collective of step {self.step + 1} (gradient all-reduce, "
-                               f"expert all-to-all or guard flag) timed out; {missing_ranks(self.mesh, self.cfg.parallel.step_timeout_s)}. "
+                               f"expert all-to-all or guard flag) timed out; {silent}. "
                                f"Check those ranks' logs; parallel.step_timeout_s sets the limit.\n{e}") from e
 
     def _log_row(self, stats: dict, last: dict) -> dict:
