@@ -62,6 +62,7 @@ if str(REPO_ROOT) not in sys.path:  # `python benchmarks/peer_hf.py` without ins
 
 from benchmarks.common import device_name, print_table, time_fn, write_results  # noqa: E402
 from dsmoe.config import Config, load_config  # noqa: E402
+from dsmoe.metrics.memory import saved_tensor_bytes  # noqa: E402
 
 GOAL_SPEEDUP = {"cpu": 1.5, "cuda": 3.0}  # dsmoe tokens/s over HF tokens/s
 GOAL_MEMORY = 1.0  # dsmoe peak / HF peak
@@ -296,26 +297,8 @@ def make_step(name: str, model, opt, x, y, autocast_dtype):
 
 
 def saved_bytes(fn, model: torch.nn.Module) -> int:
-    """Bytes autograd keeps for backward while `fn()` runs a forward: each storage counted once,
-    the model's parameters and buffers excluded (dsmoe.metrics.memory.measure_saved_activation_bytes,
-    for any forward signature)."""
-    exclude = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
-    storages: dict[int, int] = {}
-    held = []  # keep packed tensors alive so no address is reused while counting
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        held.append(t)
-        st = t.untyped_storage()
-        if st.data_ptr() not in exclude and st.data_ptr() != 0:
-            storages[st.data_ptr()] = max(storages.get(st.data_ptr(), 0), st.nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    total = sum(storages.values())
-    held.clear()
-    del out
-    return total
+    """Bytes autograd keeps for backward while `fn()` runs a forward (any forward signature)."""
+    return saved_tensor_bytes(lambda pack: fn(), model)
 
 
 def state_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:

@@ -288,16 +288,11 @@ def estimate_memory(cfg: Config, world: Optional[int] = None, ep: Optional[int] 
 # ----------------------------------------------------------------------------- the measurement
 
 
-def measure_saved_activation_bytes(model: torch.nn.Module, batch, block_fn: Optional[Callable] = None) -> int:
-    """Bytes of the tensors a real forward pass keeps for backward, each storage counted once.
+def saved_tensor_bytes(fn: Callable[[Callable], object], model: torch.nn.Module) -> int:
+    """Bytes autograd keeps for backward while `fn(pack)` runs a forward, each storage counted once.
 
-    `batch` is (idx, targets) or idx alone (targets = idx). Run it inside `torch.autocast` to measure
-    mixed precision. Parameters and buffers are excluded (they are counted as parameters); autocast's
-    weight copies are included. Tensors saved for backward are seen through
-    `torch.autograd.graph.saved_tensors_hooks`; a checkpointed block's input is kept alive by the
-    checkpoint's recompute closure instead, outside those hooks, so it is counted explicitly.
-    """
-    idx, targets = batch if isinstance(batch, (tuple, list)) else (batch, batch)
+    Parameters and buffers are excluded (they are counted as parameters); autocast's weight copies are
+    included. `fn` receives `pack`, to count tensors kept alive outside autograd's hooks."""
     inner = getattr(model, "module", model)
     exclude = {t.untyped_storage().data_ptr() for t in chain(inner.parameters(), inner.buffers())}
     storages: dict[int, int] = {}
@@ -310,13 +305,28 @@ def measure_saved_activation_bytes(model: torch.nn.Module, batch, block_fn: Opti
             storages[st.data_ptr()] = max(storages.get(st.data_ptr(), 0), st.nbytes())
         return t
 
-    def run(block, x):
-        pack(x)
-        return block_fn(block, x)
-
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(idx, targets, block_fn=run if block_fn is not None else None)
+        out = fn(pack)
     total = sum(storages.values())
     held.clear()
     del out
     return total
+
+
+def measure_saved_activation_bytes(model: torch.nn.Module, batch, block_fn: Optional[Callable] = None) -> int:
+    """Bytes of the tensors a real dsmoe forward pass keeps for backward (see saved_tensor_bytes).
+
+    `batch` is (idx, targets) or idx alone (targets = idx). Run it inside `torch.autocast` to measure
+    mixed precision. A checkpointed block's input is kept alive by the checkpoint's recompute closure,
+    outside autograd's hooks, so it is counted explicitly.
+    """
+    idx, targets = batch if isinstance(batch, (tuple, list)) else (batch, batch)
+
+    def forward(pack):
+        def run(block, x):
+            pack(x)
+            return block_fn(block, x)
+
+        return model(idx, targets, block_fn=run if block_fn is not None else None)
+
+    return saved_tensor_bytes(forward, model)
