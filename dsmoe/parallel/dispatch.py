@@ -54,6 +54,7 @@ class AllToAllDispatcher(Dispatcher):
         # splits come from exchanged counts, so they agree by construction; the peer check costs one
         # more small collective and host copy per layer, for debugging only
         self.check_splits = check_splits
+        self.bytes_sent = 0  # to other ranks, dispatch + combine, since the trainer last read it
 
     def dispatch(self, x_TD, topk_idx_TK, overlap=None):
         T, K = topk_idx_TK.shape
@@ -64,6 +65,8 @@ class AllToAllDispatcher(Dispatcher):
         # The one device-to-host copy of this layer: every split size comes from this single tensor.
         sizes = torch.cat([counts_E.view(ep, El).sum(1), recv_counts_RL.sum(1)]).tolist()
         input_splits, output_splits = sizes[:ep], sizes[ep:]
+        off_rank_rows = sum(input_splits) - input_splits[dist.get_rank(self.group)]
+        self.bytes_sent += 2 * off_rank_rows * x_TD.shape[1] * x_TD.element_size()  # the combine returns as many
         if self.check_splits:
             check_peer_splits(input_splits, output_splits, self.group, x_TD.device)
 

@@ -509,6 +509,11 @@ class Trainer:
             row["bias_range"] = (biases.max() - biases.min()).item()
             if self.cfg.log.expert_stats:
                 row["tokens_per_expert"] = counts.int().tolist()  # [moe layer][expert], this step
+            if self.experts is not None:
+                dispatchers = [m.dispatcher for m in self.model.moe_modules()]
+                row["a2a_mb_per_step"] = sum(d.bytes_sent for d in dispatchers) / steps / 2**20  # this rank
+                for d in dispatchers:
+                    d.bytes_sent = 0
         if self.skipped_overflow:
             row["skipped_overflow"] = self.skipped_overflow
         if self.events:

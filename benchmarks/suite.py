@@ -1,0 +1,341 @@
+"""The `make bench` suite: every benchmark as a subprocess, then one combined JSON, a markdown summary
+and plots.
+
+    python benchmarks/suite.py --quick     # what `make bench` runs: about 5-10 minutes on 2 CPU cores
+    python benchmarks/suite.py             # the full presets (much longer)
+
+Runs, continuing past a failing one (its return code and the tail of its output are recorded):
+
+    benchmarks/moe_dispatch.py                                      one MoE layer: loop / grouped / dense
+    torchrun --standalone --nproc_per_node 2 benchmarks/moe_dispatch.py   expert-parallel dispatch vs all-to-all
+    benchmarks/data_loader.py                                       loader tokens/s vs training tokens/s
+    benchmarks/train_throughput.py                                  tiny training: single / DDP / EP (/ FSDP2)
+    benchmarks/peer_hf.py                                           dsmoe vs HF DeepseekV3 (skips without transformers)
+
+(each with --quick when given). Then reads the JSON each wrote in this run
+(benchmarks/results/<name>[-quick][-ep2]-<device>-<date>.json) and writes
+benchmarks/results/<device>-<date>.json (all of them, plus the run log), <device>-<date>.md (one table
+per benchmark with the key figures and each goal met / not met) and, when matplotlib is importable,
+<device>-<date>-moe_layer.png, -dispatch_vs_a2a.png and -train_throughput.png. The markdown is
+printed at the end. Exit status 1 when a benchmark failed (goals not met do not fail the suite).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks.common import RESULTS_DIR, device_name  # noqa: E402
+
+MiB = 2 ** 20
+
+
+def steps(quick: bool) -> list[dict]:
+    q = ["--quick"] if quick else []
+    sfx = "-quick" if quick else ""
+    py = sys.executable
+    torchrun = [py, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    return [
+        {"key": "moe_dispatch", "title": "MoE layer: loop vs grouped vs dense",
+         "cmd": [py, "benchmarks/moe_dispatch.py", *q], "result": f"moe_dispatch{sfx}"},
+        {"key": "moe_dispatch_ep2", "title": "Expert-parallel dispatch vs bare all-to-all (world 2)",
+         "cmd": [*torchrun, "benchmarks/moe_dispatch.py", *q], "result": f"moe_dispatch{sfx}-ep2"},
+        {"key": "data_loader", "title": "Data loader vs training",
+         "cmd": [py, "benchmarks/data_loader.py", *q], "result": f"data_loader{sfx}"},
+        {"key": "train_throughput", "title": "Training throughput per layout (tiny, CPU)",
+         "cmd": [py, "benchmarks/train_throughput.py", *q], "result": f"train_throughput{sfx}"},
+        {"key": "peer_hf", "title": "dsmoe vs Hugging Face DeepseekV3",
+         "cmd": [py, "benchmarks/peer_hf.py", *q], "result": f"peer_hf{sfx}"},
+    ]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="every benchmark with --quick (make bench)")
+    p.add_argument("--only", nargs="+", default=None,
+                   help="run only these (moe_dispatch moe_dispatch_ep2 data_loader train_throughput peer_hf)")
+    p.add_argument("--timeout", type=int, default=None, help="seconds per benchmark (default 600; 3600 full)")
+    p.add_argument("--no-plots", action="store_true")
+    args = p.parse_args(argv)
+    args.timeout = args.timeout or (600 if args.quick else 3600)
+    return args
+
+
+def find_result(name: str, devices: list[str], date: str, since: float):
+    """The JSON `name` wrote in this run (mtime after `since`), under any of the device names."""
+    for dev in devices:
+        path = RESULTS_DIR / f"{name}-{dev}-{date}.json"
+        if path.exists() and path.stat().st_mtime >= since - 1:
+            return path
+    return None
+
+
+def run_step(step: dict, timeout: int, devices: list[str], date: str) -> dict:
+    print(f"\n=== suite: {step['key']}: {' '.join(step['cmd'][1:] if step['cmd'][0] == sys.executable else step['cmd'])}",
+          flush=True)
+    t0, wall0 = time.time(), time.perf_counter()
+    lines: list[str] = []
+    try:
+        proc = subprocess.Popen(step["cmd"], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, bufsize=1)
+        deadline = time.perf_counter() + timeout
+        for line in proc.stdout:  # stream to the console, keep the tail
+            sys.stdout.write(line)
+            lines.append(line)
+            if time.perf_counter() > deadline:
+                proc.kill()
+                break
+        try:
+            rc = proc.wait(timeout=max(1.0, deadline - time.perf_counter()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = "timeout"
+        if time.perf_counter() > deadline:
+            rc = "timeout"
+    except OSError as e:
+        rc, lines = "error", [str(e)]
+    wall = time.perf_counter() - wall0
+    path = find_result(step["result"], devices, date, t0)
+    out = "".join(lines)
+    if rc == 0 and path is None and "Skipped" in out:
+        status = "skipped"
+    elif rc == 0 and path is not None:
+        status = "ok"
+    elif rc == 0:
+        status = "no result file"
+    else:
+        status = "failed"
+    print(f"=== suite: {step['key']}: {status} (rc {rc}, {wall:.1f} s)", flush=True)
+    return {"key": step["key"], "title": step["title"], "command": " ".join(step["cmd"]), "returncode": rc,
+            "status": status, "wall_s": round(wall, 1), "result_file": str(path.relative_to(REPO_ROOT)) if path else None,
+            "output_tail": out[-2000:] if status != "ok" else None}
+
+
+# ---------------------------------------------------------------- markdown
+
+def _f(x, spec=",.1f"):
+    if x is None:
+        return "-"
+    try:
+        return format(x, spec)
+    except (TypeError, ValueError):
+        return str(x)
+
+
+def _table(cols: list[str], rows: list[list]) -> list[str]:
+    out = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(cols))) + "|"]
+    out += ["| " + " | ".join("" if c is None else str(c) for c in r) + " |" for r in rows]
+    return out
+
+
+def _met(m) -> str:
+    return "n/a" if m is None else ("met" if m else "**NOT met**")
+
+
+def _goals(res: dict) -> list[str]:
+    goals = res.get("goals") or []
+    if not goals:
+        return []
+    rows = []
+    for g in goals:
+        where = " ".join(str(g[k]) for k in ("shape", "tokens_per_rank", "worst") if g.get(k) is not None)
+        rows.append([g["goal"], where, _f(g.get("value"), ",.3g"), _f(g.get("target"), "g"), _met(g.get("met"))])
+    return ["", *_table(["goal", "where", "value", "target", "status"], rows)]
+
+
+def md_moe(res: dict) -> list[str]:
+    rows = [[r["shape"], r["impl"], r.get("tokens"), _f(r["median_ms"]), _f(r.get("tokens_per_s"), ",.0f"),
+             _f(r.get("ratio_vs_dense"), ".2f")] for r in res["rows"]]
+    head = [f"{res.get('tokens')} tokens, {res.get('dtype')}, fwd+bwd, median of {res.get('iters')} "
+            f"(loop: {res.get('loop_iters')})", ""]
+    return head + _table(["shape", "impl", "tokens", "ms", "tokens/s", "vs dense"], rows) + _goals(res)
+
+
+def md_ep(res: dict) -> list[str]:
+    rows = [[r["shape"], r["tokens_per_rank"], _f(r["a2a_ms"], ".2f"), _f(r["dispatch_combine_ms"], ".2f"),
+             _f(r["dispatch_vs_a2a"], ".2f"), _f(r.get("a2a_gb_per_s_per_rank"), ".2f"),
+             _f(r.get("layer_fwd_bwd_ms"), ",.1f")] for r in res["rows"]]
+    head = [f"world {res.get('world_size')}, ep {res.get('ep')}, {res.get('backend')}, {res.get('dtype')}", ""]
+    return head + _table(["shape", "tokens/rank", "bare a2a ms", "dispatch+combine ms", "ratio", "a2a GB/s/rank",
+                          "layer fwd+bwd ms"], rows) + _goals(res)
+
+
+def md_loader(res: dict) -> list[str]:
+    tr = res.get("training") or {}
+    out = [f"tiny training: {_f(tr.get('tokens_per_s'), ',.0f')} tokens/s "
+           f"(micro_batch {tr.get('micro_batch')} x seq {tr.get('seq_len')})", ""]
+    loader = sorted(res.get("loader") or [], key=lambda r: r["tokens_per_s"])
+    rows = [[r["tokenizer"], r["seq_len"], r["micro_batch"], _f(r["us_per_batch"], ",.1f"),
+             _f(r["tokens_per_s"] / 1e6, ",.1f"), _f(r["ratio_vs_training"], ",.0f")] for r in loader[:4]]
+    out += _table(["tokenizer (slowest 4)", "seq", "batch", "us/batch", "M tokens/s", "x training"], rows)
+    return out + _goals(res)
+
+
+def md_train(res: dict) -> list[str]:
+    rows = []
+    for r in res["rows"]:
+        if r.get("status") != "ok":
+            rows.append([r["layout"], r.get("world"), r.get("ep"), r.get("status"), "", "", "", "", "", ""])
+            continue
+        rows.append([r["layout"], r["world"], r["ep"], _f(r["tokens_per_s"], ",.0f"),
+                     _f(r.get("speedup_vs_single"), ".2f"), _f(r["data_ms"]), _f(r["forward_ms"]),
+                     _f(r["backward_ms"]), _f(r["optimizer_ms"]), _f(r["persistent_bytes"] / MiB, ".2f")])
+    head = [f"tiny preset, global batch {res['micro_batch_b'] * 2} x 128, {res['steps']} steps "
+            f"(median after {res['skip']}); phase ms from rank 0; persistent = params + grads + AdamW per rank", ""]
+    return head + _table(["layout", "world", "ep", "tokens/s", "vs single", "data ms", "fwd ms", "bwd ms", "opt ms",
+                          "persistent MiB/rank"], rows)
+
+
+def md_peer(res: dict) -> list[str]:
+    rows = [[r["impl"], _f(r["median_ms"]), _f(r.get("tokens_per_s"), ",.0f"),
+             _f((r.get("peak_bytes") or 0) / MiB, ",.1f")] for r in res["rows"]]
+    head = [f"preset {res.get('preset')}, {res.get('micro_batch')} x {res.get('seq_len')}, {res.get('dtype')}, "
+            f"transformers {res.get('transformers')}", ""]
+    return head + _table(["impl", "step ms", "tokens/s", "peak MiB"], rows) + _goals(res)
+
+
+RENDER = {"moe_dispatch": md_moe, "moe_dispatch_ep2": md_ep, "data_loader": md_loader,
+          "train_throughput": md_train, "peer_hf": md_peer}
+
+
+def markdown(combined: dict) -> str:
+    out = [f"# dsmoe benchmarks: {combined['device']}, {combined['date']}", "",
+           f"torch {combined['torch']}, {combined['host_cpu_count']} CPU cores, "
+           f"{'--quick' if combined['quick'] else 'full'} presets, suite wall time {combined['wall_s']:.0f} s", ""]
+    out += _table(["benchmark", "status", "wall s", "goals"],
+                  [[s["key"], s["status"], _f(s["wall_s"]), _goal_summary(combined["results"].get(s["key"]))]
+                   for s in combined["steps"]])
+    for s in combined["steps"]:
+        out += ["", f"## {s['title']}", ""]
+        res = combined["results"].get(s["key"])
+        if res is None:
+            out.append(f"_{s['status']}_ (rc {s['returncode']}): no results." if s["status"] != "skipped"
+                       else "_skipped_ (transformers not installed).")
+            continue
+        try:
+            out += RENDER[s["key"]](res)
+        except (KeyError, TypeError, ValueError) as e:  # a format change in one benchmark's JSON
+            out.append(f"_could not summarise {s['result_file']}: {e!r}_")
+    if combined.get("plots"):
+        out += ["", "## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in combined["plots"]]
+    return "\n".join(out) + "\n"
+
+
+def _goal_summary(res) -> str:
+    if not res or not res.get("goals"):
+        return "-"
+    goals = [g for g in res["goals"] if g.get("met") is not None]
+    met = sum(1 for g in goals if g["met"])
+    return f"{met}/{len(goals)} met"
+
+
+# ---------------------------------------------------------------- plots
+
+def plots(combined: dict, stem: str) -> list[str]:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("suite: matplotlib is not installed: no plots (pip install matplotlib)")
+        return []
+    written = []
+    res = combined["results"]
+
+    def save(fig, suffix):
+        path = RESULTS_DIR / f"{stem}-{suffix}.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(str(path.relative_to(REPO_ROOT)))
+
+    if "moe_dispatch" in res:
+        rows = res["moe_dispatch"]["rows"]
+        shapes = list(dict.fromkeys(r["shape"] for r in rows))
+        impls = list(dict.fromkeys(r["impl"] for r in rows))
+        fig, ax = plt.subplots(figsize=(7, 4))
+        w = 0.8 / len(impls)
+        for j, impl in enumerate(impls):
+            vals = [next((r["median_ms"] for r in rows if r["shape"] == s and r["impl"] == impl), 0) for s in shapes]
+            ax.bar([i + j * w for i in range(len(shapes))], vals, w, label=impl)
+        ax.set_xticks([i + w * (len(impls) - 1) / 2 for i in range(len(shapes))], shapes)
+        ax.set_ylabel("ms (fwd+bwd)")
+        ax.set_yscale("log")
+        ax.set_title(f"MoE layer, {res['moe_dispatch'].get('tokens')} tokens, {combined['device']}")
+        ax.legend()
+        save(fig, "moe_layer")
+    if "moe_dispatch_ep2" in res:
+        rows = res["moe_dispatch_ep2"]["rows"]
+        labels = [f"{r['shape']}\n{r['tokens_per_rank']} tok/rank" for r in rows]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        xs = range(len(rows))
+        ax.bar([x - 0.2 for x in xs], [r["a2a_ms"] for r in rows], 0.4, label="bare all-to-all (x2)")
+        ax.bar([x + 0.2 for x in xs], [r["dispatch_combine_ms"] for r in rows], 0.4, label="dispatch + combine")
+        ax.set_xticks(list(xs), labels)
+        ax.set_ylabel("ms")
+        ax.set_title(f"EP dispatch vs all-to-all, world {res['moe_dispatch_ep2'].get('world_size')}")
+        ax.legend()
+        save(fig, "dispatch_vs_a2a")
+    if "train_throughput" in res:
+        rows = res["train_throughput"]["rows"]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        names = [r["layout"] for r in rows]
+        vals = [r.get("tokens_per_s") or 0 for r in rows]
+        bars = ax.bar(names, vals)
+        for b, r in zip(bars, rows):
+            if r.get("status") != "ok":
+                ax.text(b.get_x() + b.get_width() / 2, 0, r.get("status"), ha="center", va="bottom", rotation=90)
+        ax.set_ylabel("tokens/s")
+        ax.set_title("Training throughput, tiny preset, CPU")
+        save(fig, "train_throughput")
+    return written
+
+
+# ---------------------------------------------------------------- main
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    t0 = time.perf_counter()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = device_name(device)
+    devices = list(dict.fromkeys([dev, device_name("cpu")]))
+    date = _dt.date.today().isoformat()
+    todo = [s for s in steps(args.quick) if not args.only or s["key"] in args.only]
+    log = [run_step(s, args.timeout, devices, date) for s in todo]
+    results = {}
+    for s in log:
+        if s["result_file"]:
+            results[s["key"]] = json.loads((REPO_ROOT / s["result_file"]).read_text())
+    combined = {"suite": "dsmoe-bench", "device": dev, "device_type": device, "date": date,
+                "torch": torch.__version__, "host_cpu_count": os.cpu_count(), "quick": args.quick,
+                "wall_s": time.perf_counter() - t0, "steps": log, "results": results, "plots": []}
+    stem = f"{dev}-{date}"
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    if not args.no_plots:
+        combined["plots"] = plots(combined, stem)
+    combined["wall_s"] = round(time.perf_counter() - t0, 1)
+    json_path = RESULTS_DIR / f"{stem}.json"
+    json_path.write_text(json.dumps(combined, indent=2, default=str) + "\n")
+    md = markdown(combined)
+    md_path = RESULTS_DIR / f"{stem}.md"
+    md_path.write_text(md)
+    print("\n" + md)
+    print(f"wrote {json_path.relative_to(REPO_ROOT)}, {md_path.relative_to(REPO_ROOT)}"
+          + "".join(f", {p}" for p in combined["plots"]))
+    return 0 if all(s["status"] in ("ok", "skipped") for s in log) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
