@@ -21,10 +21,7 @@ train:
 	$(PY) launch/train.py --config configs/runs/tiny-shakespeare.yaml
 
 bench:
-	$(PY) benchmarks/moe_dispatch.py --quick
-	$(PY) benchmarks/data_loader.py --quick
-	$(PY) benchmarks/peer_hf.py --quick
-	torchrun --standalone --nproc_per_node 2 benchmarks/moe_dispatch.py --quick
+	$(PY) benchmarks/suite.py --quick
 
 lint:
 	$(PY) -m ruff check dsmoe launch benchmarks tests

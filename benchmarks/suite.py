@@ -151,7 +151,9 @@ def _goals(res: dict) -> list[str]:
     rows = []
     for g in goals:
         where = " ".join(str(g[k]) for k in ("shape", "tokens_per_rank", "worst") if g.get(k) is not None)
-        rows.append([g["goal"], where, _f(g.get("value"), ",.3g"), _f(g.get("target"), "g"), _met(g.get("met"))])
+        value = g.get("value")
+        spec = ",.0f" if abs(value or 0) >= 1000 else ".3g"
+        rows.append([g["goal"], where, _f(value, spec), _f(g.get("target"), "g"), _met(g.get("met"))])
     return ["", *_table(["goal", "where", "value", "target", "status"], rows)]
 
 
@@ -272,7 +274,6 @@ def plots(combined: dict, stem: str) -> list[str]:
             ax.bar([i + j * w for i in range(len(shapes))], vals, w, label=impl)
         ax.set_xticks([i + w * (len(impls) - 1) / 2 for i in range(len(shapes))], shapes)
         ax.set_ylabel("ms (fwd+bwd)")
-        ax.set_yscale("log")
         ax.set_title(f"MoE layer, {res['moe_dispatch'].get('tokens')} tokens, {combined['device']}")
         ax.legend()
         save(fig, "moe_layer")
