@@ -119,11 +119,11 @@ def suggest(cfg: Config, world: int, ep: int, device: str, budget: float) -> lis
     est = estimate_memory(cfg, world=world, ep=ep, device=device)
     if world > 1:
         sharded = est["persistent"] / world
-        out.append(f"sharding (FSDP2) over {world} GPUs: parameters + gradients + AdamW state "
+        out.append(f"sharding over {world} GPUs (FSDP2, not yet in dsmoe): parameters + gradients + AdamW state "
                    f"{gib(est['persistent'])} -> ~{gib(sharded)} per GPU")
-    elif est["peak_step"] > budget:
-        out.append(f"the training state alone ({gib(est['peak_step'])} with the AdamW step) exceeds the budget: "
-                   f"use more GPUs with --parallel.ep / sharding, or a smaller model")
+    elif est["persistent"] > budget:
+        out.append(f"the training state alone ({gib(est['persistent'])} of weights, gradients and AdamW moments) "
+                   f"exceeds the budget: use more GPUs with --parallel.ep, or a smaller model")
     return out
 
 
@@ -149,12 +149,11 @@ def format_estimate(est: dict, title: str = "", budget: Optional[tuple[float, st
         ("activations (no ckpt)", est["activations_none"], "saved for backward"),
         ("activations (full ckpt)", est["activations_full"], "block inputs + 1 block"),
         ("logits + fp32 loss copy", est["logits"], "+ loss-backward grads"),
-        ("AdamW step workspace", est["optimizer_workspace"], "after activations freed"),
     ]
     for name, b, note in rows:
         table.add_row(name, f"{b / GiB:.2f}", f"{b:,}", note)
     table.add_row(f"peak, checkpointing {est['policy']}", f"{est['total'] / GiB:.2f}", f"{est['total']:,}",
-                  "max(train, AdamW step)", style="bold")
+                  "forward + backward", style="bold")
     if budget is not None:
         table.add_row("usable memory", f"{budget[0] / GiB:.2f}", f"{int(budget[0]):,}",
                       f"{budget[1]} - {HEADROOM:.0%}")

@@ -3,7 +3,7 @@
 `estimate_memory(cfg, world, ep)` returns bytes per category for one rank: fp32 parameters, fp32
 gradients, AdamW's two fp32 moments (the parameters are the fp32 master weights: under bf16/fp16
 autocast they stay fp32), the low-precision weight copies autocast makes, activations with and
-without activation checkpointing, the logits and the fp32 loss copy, and AdamW's step workspace.
+without activation checkpointing, the logits and the fp32 loss copy (the fused AdamW step needs no workspace).
 
 Activations are counted tensor by tensor from what autograd saves in dsmoe's own forward (read off
 dsmoe/model/*.py, and checked against `measure_saved_activation_bytes` in tests/test_estimate.py),
@@ -223,9 +223,6 @@ def _param_stats(model_yaml: str, vocab: int, ep: int) -> dict:
         "param_bytes": sum(p.numel() * p.element_size() for p in params),  # fp32: the master weights
         "grad_bytes": sum(p.numel() * p.element_size() for p in trainable),  # grads match the params' dtype
         "optim_bytes": 2 * sum(p.numel() * 4 for p in trainable),  # exp_avg + exp_avg_sq, fp32
-        "largest_group": max(sum(p.numel() for p in trainable if p.ndim >= 2),
-                             sum(p.numel() for p in trainable if p.ndim < 2)),
-        "largest_param": max(p.numel() for p in trainable),
         # weights autocast casts once and caches: the blocks' nn.Linear and router weights, the output's
         "layer_cast_numel": layer_casts,
         "cast_numel": model.output.weight.numel() + sum(layer_casts),
@@ -250,9 +247,6 @@ def estimate_memory(cfg: Config, world: Optional[int] = None, ep: Optional[int] 
     device = device or ("cpu" if cfg.train.device == "cpu" else "cuda")
     cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, ep=ep))
     st = param_stats(cfg, ep)
-    # AdamW step: fused on a GPU (in place, no temporaries); the CPU for-loop path allocates one
-    # parameter's worth
-    workspace = 0 if device != "cpu" else 4 * st["largest_param"]
 
     led = activation_ledger(cfg, device, ep)
     amp = compute_bytes(cfg, device) == 2
@@ -272,16 +266,13 @@ def estimate_memory(cfg: Config, world: Optional[int] = None, ep: Optional[int] 
     param_bytes, grad_bytes, optim_bytes = st["param_bytes"], st["grad_bytes"], st["optim_bytes"]
     persistent = param_bytes + grad_bytes + optim_bytes
     peak_train = persistent + casts + act_policy + logits
-    peak_step = persistent + workspace
     return {
         "world": world, "ep": ep, "device": device, "precision_bytes": 2 if amp else 4,
         "tokens": led["tokens"], "n_params": st["n_params"], "policy": cfg.parallel.activation_checkpointing,
         "params": param_bytes, "grads": grad_bytes, "optimizer": optim_bytes,
         "weight_casts": casts,
         "activations_none": act_none, "activations_full": act_full, "activations": act_policy,
-        "logits": logits, "optimizer_workspace": workspace,
-        "persistent": persistent, "peak_train": peak_train, "peak_step": peak_step,
-        "total": max(peak_train, peak_step),
+        "logits": logits, "persistent": persistent, "total": peak_train,
     }
 
 
