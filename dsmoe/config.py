@@ -121,10 +121,11 @@ class DataConfig:
 
 @dataclass
 class ParallelConfig:
+    dp: Literal["ddp", "fsdp"] = doc("ddp", "data parallelism: ddp (replicated) or fsdp (FSDP2, sharded parameters)")
     ep: int = doc(1, "expert-parallel size; world = edp * ep")
     ddp_bucket_mb: int = doc(25, "DDP gradient bucket size in MB")
-    activation_checkpointing: Literal["none", "full", "every_n"] = doc(
-        "none", "recompute blocks in backward: none, full (every block) or every_n")
+    activation_checkpointing: Literal["none", "full", "every_n", "moe_only", "attention_only", "selective"] = doc(
+        "none", "recompute in backward: none, full or every_n (blocks), moe_only, attention_only, selective")
     ac_every_n: int = doc(2, "every_n policy: checkpoint one block in n")
     reshard_after_forward: bool = doc(True, "FSDP2: free the gathered parameters after forward")
     cpu_offload: bool = doc(False, "FSDP2: keep parameters and optimizer state on the CPU")
@@ -138,6 +139,9 @@ class CheckpointConfig:
     every: int = doc(100, "optimizer steps between checkpoints (0 = only at the end)")
     keep_last: int = doc(3, "checkpoints kept in the run directory")
     save_final: bool = doc(True, "write a checkpoint when training ends")
+    format: Literal["auto", "file", "sharded"] = doc(
+        "auto", "file (one step_N.pt, any layout resumes it), sharded (DCP directory, one shard per rank), "
+                "auto = sharded under FSDP")
 
 
 @dataclass
@@ -444,6 +448,9 @@ def validate(cfg: Config) -> None:
             need(e.capacity_factor > 0, f"moe.capacity_factor must be positive or null (dropless), got {e.capacity_factor}")
         need(e.bias_update_rate >= 0, f"moe.bias_update_rate must be >= 0, got {e.bias_update_rate}")
     need(cfg.parallel.ep >= 1, f"parallel.ep must be >= 1, got {cfg.parallel.ep}")
+    need(cfg.parallel.replicate >= 1, f"parallel.replicate must be >= 1, got {cfg.parallel.replicate}")
+    need(cfg.parallel.replicate == 1 or cfg.parallel.dp == "fsdp",
+         f"parallel.replicate={cfg.parallel.replicate} (HSDP) needs parallel.dp=fsdp")
     if e.n_routed_experts > 0:
         need(e.n_routed_experts % cfg.parallel.ep == 0,
              f"moe.n_routed_experts={e.n_routed_experts} is not divisible by parallel.ep={cfg.parallel.ep}: "

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from dsmoe.parallel.fsdp import local
 from dsmoe.parallel.mesh import Mesh
 
 EXPERT_MARK = ".ffn.experts."  # routed-expert stacks: layers.{i}.ffn.experts.{w_gate,w_up,w_down}
@@ -58,13 +59,17 @@ class ExpertShards:
 
     # ------------------------------------------------------------------ gradients
 
-    def reduce_grads(self) -> None:
+    def reduce_grads(self, edp_averaged: bool = False) -> None:
         """Sum over the ranks holding the same experts (edp), then divide by world (see module doc).
 
         Call once per optimizer step, after the last micro-batch's backward (never on no_sync
-        micro-steps). One all-reduce per expert tensor, all in flight together."""
-        grads = [p.grad for p in self.params if p.grad is not None]
+        micro-steps). One all-reduce per expert tensor, all in flight together. Under FSDP the
+        reduce-scatter over edp has already averaged (`edp_averaged`): only the 1/ep is left."""
+        grads = [local(p.grad) for p in self.params if p.grad is not None]
         if not grads:
+            return
+        if edp_averaged:
+            torch._foreach_div_(grads, float(self.mesh.ep))
             return
         if self.mesh.edp > 1:
             works = [dist.all_reduce(g, group=self.mesh.edp_group, async_op=True) for g in grads]

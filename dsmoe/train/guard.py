@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from dsmoe.config import GuardConfig
+from dsmoe.parallel.fsdp import local
 
 QUANTITIES = ("loss", "grad_norm", "params", "spike")
 
@@ -115,7 +116,7 @@ class Guard:
 
 def params_all_finite(model: torch.nn.Module) -> torch.Tensor:
     """One fused check over every parameter (a 0-d bool tensor, no host sync)."""
-    norms = torch._foreach_norm([p.detach() for p in model.parameters()], 2.0)
+    norms = torch._foreach_norm([local(p.detach()) for p in model.parameters()], 2.0)  # FSDP: this rank's shards
     return torch.isfinite(torch.stack([n.float() for n in norms]).sum())
 
 

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from dsmoe.config import TrainConfig
+from dsmoe.parallel.fsdp import local
 
 
 def build_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.AdamW:
@@ -39,7 +40,8 @@ def lr_at(step: int, t: TrainConfig) -> float:
 
 
 def grad_norm_squared(params: Iterable[torch.Tensor]) -> torch.Tensor:
-    grads = [p.grad for p in params if p.grad is not None]
+    """Of this rank's gradients (the local shards of sharded ones)."""
+    grads = [local(p.grad) for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
     norms = torch._foreach_norm(grads, 2.0)
@@ -62,6 +64,6 @@ def clip_grad_norm(param_sets: list[tuple[list[torch.Tensor], Optional[dist.Proc
     total = total_sq.sqrt()
     if max_norm > 0:
         scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        grads = [p.grad for params, _ in param_sets for p in params if p.grad is not None]
+        grads = [local(p.grad) for params, _ in param_sets for p in params if p.grad is not None]
         torch._foreach_mul_(grads, scale.to(grads[0].device))
     return total

@@ -1,7 +1,6 @@
 """The training loop: data, model, AdamW, precision, balance, validation, samples, checkpoints, logs."""
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
@@ -20,6 +19,7 @@ from dsmoe.model import Transformer, flops_per_token, param_breakdown, update_ex
 from dsmoe.params import fmt_count
 from dsmoe.parallel.dispatch import make_dispatcher
 from dsmoe.parallel.expert_state import ExpertShards, is_expert_param
+from dsmoe.parallel.fsdp import apply_fsdp, full, grad_norm_sets, optional_no_sync, shard_like
 from dsmoe.parallel.mesh import Mesh, init_mesh, missing_ranks, set_timeout
 from dsmoe.parallel.wrap import block_fn_for, wrap_ddp
 from dsmoe.train.checkpoint import (check_compatible, checkpoint_path, latest_checkpoint, load_checkpoint,
@@ -47,12 +47,21 @@ class Trainer:
 
         torch.manual_seed(t.seed)  # same init on every rank
         self.model = self._build_model().to(self.device)
+        self.fsdp = cfg.parallel.dp == "fsdp" and self.mesh.distributed
+        if self.fsdp:  # first: sharding replaces the parameters
+            apply_fsdp(self.model, self.mesh, cfg.parallel, self.precision)
         # expert parallelism: routed-expert shards stay out of DDP and are reduced over edp only
         self.experts = None
         if self.mesh.ep > 1 and any(is_expert_param(n) for n, _ in self.model.named_parameters()):
             self.experts = ExpertShards.of(self.model, self.mesh, cfg.moe.n_routed_experts)
-        self.replicated_params = [p for n, p in self.model.named_parameters() if not is_expert_param(n)] \
-            if self.experts else list(self.model.parameters())
+        if self.fsdp:
+            self.param_sets = grad_norm_sets(self.model, self.mesh, cfg.parallel.replicate,
+                                             set(self.experts.names) if self.experts else set())
+        else:
+            self.param_sets = [(list(self.model.parameters()), None)]
+            if self.experts is not None:  # replicated, and sharded over the EP group
+                self.param_sets = [([p for n, p in self.model.named_parameters() if not is_expert_param(n)], None),
+                                   (self.experts.params, self.mesh.ep_group)]
         self.optimizer = build_optimizer(self.model, t)
         self.scaler = grad_scaler(self.precision, self.device)
         self.block_fn = block_fn_for(cfg.parallel)
@@ -71,7 +80,8 @@ class Trainer:
         self.resumed_from = resolve_resume(resume, self.run_dir)
         if self.resumed_from is not None:
             self._restore(self.resumed_from)
-        self.wrapped = wrap_ddp(self.model, self.mesh, cfg.parallel, ignore=self.experts.names if self.experts else ())
+        self.wrapped = self.model if self.fsdp else \
+            wrap_ddp(self.model, self.mesh, cfg.parallel, ignore=self.experts.names if self.experts else ())
         self.tokens_per_step = self.mesh.world * t.micro_batch * t.grad_accum * t.seq_len
         self.flops_per_token = flops_per_token(self.model, t.seq_len)
         self.peak_tflops = peak_tflops(device_label(self.device), self.precision, cfg.log.peak_tflops)
@@ -120,6 +130,8 @@ class Trainer:
         check_compatible(state, self.cfg.model_dict(), model_state, path)
         if self.experts is not None:
             self.experts.take_slice(state, self.optimizer)
+        if self.fsdp:
+            self._shard_like_live(state)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
@@ -134,6 +146,18 @@ class Trainer:
             torch.set_rng_state(rng["cpu"][self.mesh.rank].clone())
             if self.device.type == "cuda" and "cuda" in rng and self.mesh.rank < rng["cuda"].shape[0]:
                 torch.cuda.set_rng_state(rng["cuda"][self.mesh.rank].clone(), self.device)
+
+    def _shard_like_live(self, state: dict) -> None:
+        """Whole tensors of a single-file checkpoint -> this rank's FSDP shards, in place on `state`."""
+        live = self.model.state_dict()
+        for name, value in state["model"].items():
+            state["model"][name] = shard_like(value, live[name])
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        for i, per_param in state["optimizer"]["state"].items():
+            p = params[i]
+            for key, v in per_param.items():
+                if torch.is_tensor(v) and v.shape == p.shape:
+                    per_param[key] = shard_like(v, p)
 
     def _gather_rng(self) -> dict:
         """Every rank's RNG states as [world, n] uint8 tensors (all ranks take part)."""
@@ -170,9 +194,8 @@ class Trainer:
                 x, y = self._batch(self.batches_consumed)
             self.batches_consumed += 1
             last = micro == t.grad_accum - 1
-            # gradients are all-reduced once per optimizer step, on the last micro-batch
-            sync = contextlib.nullcontext() if last or not self.mesh.distributed else self.wrapped.no_sync()
-            with sync:
+            # gradients are reduced once per optimizer step, on the last micro-batch
+            with optional_no_sync(self.wrapped, self.fsdp, self.mesh.distributed, last):
                 with self.timer.phase("forward"), autocast(self.precision, self.device):
                     out = self.wrapped(x, y, block_fn=self.block_fn)
                 with self.timer.phase("backward"):
@@ -182,12 +205,10 @@ class Trainer:
                 counts = out.expert_counts if counts is None else counts + out.expert_counts
                 dropped = out.dropped if dropped is None else dropped + out.dropped
 
-        param_sets = [(self.replicated_params, None)]
-        if self.experts is not None:
-            self.experts.reduce_grads()  # DDP reduced the rest on the last micro-batch's backward
-            param_sets.append((self.experts.params, self.mesh.ep_group))  # sharded over the EP group
+        if self.experts is not None:  # DDP / FSDP reduced the rest on the last micro-batch's backward
+            self.experts.reduce_grads(edp_averaged=self.fsdp)
         with self.timer.phase("optimizer"):
-            grad_norm, verdict, scale_before = self._optimizer_step(param_sets, loss_sum / t.grad_accum)
+            grad_norm, verdict, scale_before = self._optimizer_step(self.param_sets, loss_sum / t.grad_accum)
         if verdict is not None and verdict.bad:  # dropped on every rank: no update, schedule or bias step
             self.step += 1
             self.tokens_seen += self.tokens_per_step
@@ -318,8 +339,8 @@ class Trainer:
 
     def _sync_found_inf(self) -> None:
         """fp16: GradScaler looks at this rank's gradients only. Replicated ones agree everywhere, expert
-        shards do not, so an inf in one shard must skip the step on every rank (MAX over the world)."""
-        if self.experts is None or not self.scaler.is_enabled():
+        and FSDP shards do not, so an inf in one shard must skip the step on every rank (MAX over the world)."""
+        if (self.experts is None and not self.fsdp) or not self.scaler.is_enabled():
             return
         for found in self.scaler._per_optimizer_states[id(self.optimizer)]["found_inf_per_device"].values():
             dist.all_reduce(found, op=dist.ReduceOp.MAX)
@@ -362,6 +383,9 @@ class Trainer:
         Under expert parallelism rank 0's copy holds every expert (gathered from its EP group), so
         the file is exactly a single-process checkpoint and resumes at any ep."""
         model_state, optim_state = self.model.state_dict(), self.optimizer.state_dict()
+        if self.fsdp:  # whole tensors (expert ones whole over edp; gathered over ep below)
+            model_state = {k: full(v) for k, v in model_state.items()}
+            optim_state["state"] = {i: {k: full(v) for k, v in per.items()} for i, per in optim_state["state"].items()}
         if self.experts is not None:
             self.experts.gather_state(model_state, optim_state, self.optimizer)
         return {
@@ -374,7 +398,7 @@ class Trainer:
             "guard": self.guard.state_dict() if self.guard is not None else {},
             "rng": self._gather_rng(),
             "config": self.cfg.to_dict(),
-            "layout": {"world": self.mesh.world, "ep": self.mesh.ep},
+            "layout": {"world": self.mesh.world, "ep": self.mesh.ep, "dp": "fsdp" if self.fsdp else "ddp"},
             "data": {"tokenizer": self.cfg.data.tokenizer, "vocab_size": self.vocab_size,
                      "source": self.cfg.data.source},
         }
@@ -403,7 +427,7 @@ class Trainer:
             "model": f"{self.cfg.model.name} ({self.cfg.attention.kind}, {self.cfg.moe.n_routed_experts} routed "
                      f"+ {self.cfg.moe.n_shared_experts} shared, top-{self.cfg.moe.top_k})",
             "parameters": f"{fmt_count(b['total'])} total, {fmt_count(b['active'])} active per token",
-            "layout": f"world {m.world} (edp {m.edp} x ep {m.ep}) on {self.device}"
+            "layout": f"world {m.world} (edp {m.edp} x ep {m.ep}, {'FSDP2' if self.fsdp else 'DDP'}) on {self.device}"
                       + (f", {self.experts.n_local} of {self.experts.n_experts} routed experts per rank"
                          if self.experts else ""),
             "precision": self.precision,
@@ -443,9 +467,9 @@ class Trainer:
                         log.log({"step": self.step, **val})
                         history.append({"step": self.step, **val})
                 if t.sample_every and (self.step % t.sample_every == 0 or self.step == end) and \
-                        (self.mesh.is_main or self.mesh.ep > 1):
-                    # under expert parallelism every rank samples (same generator seed, same lengths),
-                    # since each MoE forward is a collective of the EP group; rank 0 writes
+                        (self.mesh.is_main or self.mesh.ep > 1 or self.fsdp):
+                    # under expert parallelism or FSDP every rank samples (same generator seed, same
+                    # lengths), since each forward is a collective; rank 0 writes
                     samples = self.sample()
                     if self.mesh.is_main:
                         self._write_samples(samples, log)
