@@ -162,7 +162,7 @@ def test_ep_checkpoint_is_a_single_process_checkpoint(runs):
             assert got["optimizer"]["state"][i][key].shape == v.shape, f"optimizer {i} {key}"
         assert rel_err({k: got["optimizer"]["state"][i][k] for k in ("exp_avg", "exp_avg_sq")},
                        {k: per_param[k] for k in ("exp_avg", "exp_avg_sq")}) < 1e-4
-    assert got["layout"] == {"world": 2, "ep": 2}
+    assert got["layout"] == {"world": 2, "ep": 2, "dp": "ddp"}
 
 
 def test_ep_resume_is_exact_and_moves_between_layouts(runs):

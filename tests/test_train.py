@@ -43,7 +43,7 @@ def test_checkpoint_is_weights_only_and_complete(tmp_path, data_cache):
     state = torch.load(path, weights_only=True)
     for key in ("model", "optimizer", "scaler", "progress", "rng", "config", "layout", "data"):
         assert key in state
-    assert state["progress"]["step"] == 1 and state["layout"] == {"world": 1, "ep": 1}
+    assert state["progress"]["step"] == 1 and state["layout"] == {"world": 1, "ep": 1, "dp": "ddp"}
 
 
 def digest(path):

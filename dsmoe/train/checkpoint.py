@@ -1,19 +1,23 @@
 """Single-file checkpoints: everything needed to continue, atomic writes, keep-last-K, strict loads.
 
 A checkpoint holds only tensors and primitives, so `torch.load(path, weights_only=True)` reads it.
+Run directories hold single files `step_N.pt` and sharded directories `step_N/` (sharded_checkpoint.py)
+side by side; listing, `--resume auto` and keep-last-K treat both as checkpoints.
 """
 from __future__ import annotations
 
 import hashlib
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 
 FORMAT = "dsmoe-checkpoint-v1"
-NAME = re.compile(r"^step_(\d+)\.pt$")
+NAME = re.compile(r"^step_(\d+)(\.pt)?$")
+SHARDED_META = "meta.pt"  # written last into a sharded directory, before the rename that commits it
 
 
 class CheckpointError(RuntimeError):
@@ -24,15 +28,31 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def checkpoint_path(run_dir: str | Path, step: int) -> Path:
-    return checkpoint_dir(run_dir) / f"step_{step:07d}.pt"
+def checkpoint_path(run_dir: str | Path, step: int, sharded: bool = False) -> Path:
+    return checkpoint_dir(run_dir) / (f"step_{step:07d}" if sharded else f"step_{step:07d}.pt")
+
+
+def is_sharded(path: str | Path) -> bool:
+    return Path(path).is_dir()
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temporary files of interrupted writes are ignored)."""
+    """Complete checkpoints, oldest first (temporary files and directories of interrupted writes are ignored)."""
     d = checkpoint_dir(run_dir)
-    found = [p for p in d.glob("step_*.pt") if NAME.match(p.name)] if d.is_dir() else []
-    return sorted(found, key=lambda p: int(NAME.match(p.name).group(1)))
+    found = [p for p in d.glob("step_*") if NAME.match(p.name) and (p.suffix == ".pt") == p.is_file()] \
+        if d.is_dir() else []
+    return sorted(found, key=lambda p: (int(NAME.match(p.name).group(1)), p.is_file()))
+
+
+def remove_checkpoint(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def prune(run_dir: str | Path, keep_last: Optional[int]) -> None:
+    """Keep the newest `keep_last` checkpoints of the run directory, of either kind."""
+    if keep_last:
+        for old in list_checkpoints(run_dir)[:-keep_last]:
+            remove_checkpoint(old)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
@@ -40,7 +60,7 @@ def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
     return found[-1] if found else None
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -86,10 +106,8 @@ def save_checkpoint(state: dict, path: str | Path, keep_last: Optional[int] = No
     if before_commit is not None:
         before_commit()
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
-    if keep_last:
-        for old in list_checkpoints(path.parent.parent)[:-keep_last]:
-            old.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+    prune(path.parent.parent, keep_last)
     return path
 
 
@@ -100,7 +118,7 @@ def resolve_resume(resume: Optional[str], run_dir: str | Path) -> Optional[Path]
     if resume == "auto":
         return latest_checkpoint(run_dir)
     path = Path(resume)
-    if not path.is_file():
+    if not path.exists():
         hint = latest_checkpoint(run_dir)
         raise CheckpointError(f"checkpoint '{path}' does not exist"
                               + (f"; the newest in {run_dir} is {hint}" if hint else "")

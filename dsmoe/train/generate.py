@@ -7,14 +7,15 @@ from dsmoe.config import from_dict
 from dsmoe.data import get_tokenizer
 from dsmoe.model import Transformer
 from dsmoe.parallel.mesh import pick_device
-from dsmoe.train.checkpoint import CheckpointError, load_checkpoint, resolve_resume
+from dsmoe.train.checkpoint import CheckpointError, is_sharded, load_checkpoint, resolve_resume
+from dsmoe.train.sharded_checkpoint import to_file_state
 
 
 def load_model(ckpt: str, run_dir: str = ".", device: str = "auto"):
     path = resolve_resume(ckpt, run_dir)
     if path is None:
         raise CheckpointError(f"no checkpoint in {run_dir}/checkpoints: train first or pass --ckpt PATH")
-    state = load_checkpoint(path)
+    state = to_file_state(path) if is_sharded(path) else load_checkpoint(path)
     cfg = from_dict(state["config"])
     dev = pick_device(device, 0)
     model = Transformer(cfg, int(state["data"]["vocab_size"]))

@@ -11,15 +11,34 @@ from dsmoe.config import TrainConfig
 from dsmoe.parallel.fsdp import local
 
 
-def build_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.AdamW:
-    """Weight decay on matrices only: never on norms or biases (the routing bias is a buffer)."""
+def decay_split(model: torch.nn.Module) -> tuple[list[str], list[str]]:
+    """Parameter names with weight decay (matrices) and without (norms, biases); the routing bias is a
+    buffer. Their concatenation is the optimizer's parameter order."""
     decay, no_decay = [], []
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+            (decay if p.ndim >= 2 else no_decay).append(name)
+    return decay, no_decay
+
+
+def _adamw(decay: list, no_decay: list, t: TrainConfig) -> torch.optim.AdamW:
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # fused (CUDA and CPU): several times faster than foreach/for-loop, and no step temporaries
     return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, fused=True)
+
+
+def build_optimizer(model: torch.nn.Module, t: TrainConfig) -> torch.optim.AdamW:
+    params = dict(model.named_parameters())
+    decay, no_decay = decay_split(model)
+    return _adamw([params[n] for n in decay], [params[n] for n in no_decay], t)
+
+
+def param_groups_layout(n_decay: int, n_no_decay: int, t: TrainConfig) -> list[dict]:
+    """The `param_groups` of build_optimizer's state_dict for a model with these parameter counts."""
+    def placeholders(n):
+        return [torch.zeros(1, requires_grad=True) for _ in range(n)]
+
+    return _adamw(placeholders(n_decay), placeholders(n_no_decay), t).state_dict()["param_groups"]
 
 
 def lr_at(step: int, t: TrainConfig) -> float:

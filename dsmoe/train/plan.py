@@ -27,7 +27,13 @@ def print_plan(cfg: Config, world: int, config_path: Optional[str] = None) -> bo
                   f"({fmt_count(b['active'])} active per token, {b['flops_per_token']:.3g} train FLOPs/token)")
     console.print(f"  layout      world {world} = edp {world // ep} x ep {ep}; "
                   f"{cfg.moe.n_routed_experts // ep if cfg.moe.n_routed_experts else 0} routed experts per rank")
-    console.print(f"  per rank    {fmt_count(per_rank)} parameters (experts split over ep, the rest replicated)")
+    if cfg.parallel.dp == "fsdp" and world > 1:
+        shard = world // cfg.parallel.replicate
+        per_rank = (b["total"] - b["moe_routed"]) // shard + b["moe_routed"] // world
+        console.print(f"  per rank    {fmt_count(per_rank)} parameters (FSDP2: experts over ep x edp, "
+                      f"the rest over {shard} ranks)")
+    else:
+        console.print(f"  per rank    {fmt_count(per_rank)} parameters (experts split over ep, the rest replicated)")
     console.print(f"  tokens/step {fmt_tokens(world * t.micro_batch * t.grad_accum * t.seq_len)} = {world} ranks x "
                   f"{t.micro_batch} x {t.grad_accum} accum x {t.seq_len}")
     console.print(f"  precision   {t.precision} on {t.device} (auto: bf16 on sm_80+, fp16 on T4, fp32 on CPU); "

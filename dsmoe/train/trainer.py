@@ -22,12 +22,13 @@ from dsmoe.parallel.expert_state import ExpertShards, is_expert_param
 from dsmoe.parallel.fsdp import apply_fsdp, full, grad_norm_sets, optional_no_sync, shard_like
 from dsmoe.parallel.mesh import Mesh, init_mesh, missing_ranks, set_timeout
 from dsmoe.parallel.wrap import block_fn_for, wrap_ddp
-from dsmoe.train.checkpoint import (check_compatible, checkpoint_path, latest_checkpoint, load_checkpoint,
-                                    resolve_resume, save_checkpoint)
+from dsmoe.train.checkpoint import (check_compatible, checkpoint_path, is_sharded, latest_checkpoint,
+                                    load_checkpoint, resolve_resume, save_checkpoint)
 from dsmoe.train.faults import FaultInjector
 from dsmoe.train.guard import Guard, StepVerdict, TrainingAborted, localize, params_all_finite, write_report
 from dsmoe.train.optim import build_optimizer, clip_grad_norm, lr_at
 from dsmoe.train.precision import autocast, grad_scaler, resolve_precision
+from dsmoe.train.sharded_checkpoint import ShardedState, load_meta, model_shapes, save_sharded
 
 
 class Trainer:
@@ -63,6 +64,9 @@ class Trainer:
                 self.param_sets = [([p for n, p in self.model.named_parameters() if not is_expert_param(n)], None),
                                    (self.experts.params, self.mesh.ep_group)]
         self.optimizer = build_optimizer(self.model, t)
+        self.sharded = ShardedState(self.model, self.optimizer, self.mesh, self.experts, self.fsdp)
+        fmt = cfg.checkpoint.format
+        self.save_sharded = fmt == "sharded" or (fmt == "auto" and self.fsdp)
         self.scaler = grad_scaler(self.precision, self.device)
         self.block_fn = block_fn_for(cfg.parallel)
         self.step = 0  # optimizer steps taken
@@ -121,19 +125,24 @@ class Trainer:
             self.val += [all_val[0]] * (-(-len(all_val) // m.world) - len(self.val))
 
     def _restore(self, path: Path) -> None:
-        state = load_checkpoint(path)
-        # checkpoints hold every expert (single-process layout): compare with the full shapes, then
-        # keep this rank's rows
+        """From a single file or a sharded directory, whatever layout wrote it."""
+        # checkpoints hold tensors at their single-process shapes (every expert): compare with those
         model_state = self.model.state_dict()
         if self.experts is not None:
             model_state = self.experts.full_shapes(model_state)
-        check_compatible(state, self.cfg.model_dict(), model_state, path)
-        if self.experts is not None:
-            self.experts.take_slice(state, self.optimizer)
-        if self.fsdp:
-            self._shard_like_live(state)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if is_sharded(path):
+            state = load_meta(path)
+            check_compatible({**state, "model": model_shapes(path)}, self.cfg.model_dict(), model_state, path)
+            self.sharded.load(path)  # each rank reads its own shards
+        else:
+            state = load_checkpoint(path)
+            check_compatible(state, self.cfg.model_dict(), model_state, path)
+            if self.experts is not None:  # keep this rank's experts
+                self.experts.take_slice(state, self.optimizer)
+            if self.fsdp:
+                self._shard_like_live(state)
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         for key in ("step", "sched_step", "batches_consumed", "tokens_seen", "skipped_overflow"):
             setattr(self, key, int(state["progress"][key]))
@@ -382,15 +391,18 @@ class Trainer:
 
         Under expert parallelism rank 0's copy holds every expert (gathered from its EP group), so
         the file is exactly a single-process checkpoint and resumes at any ep."""
+        state = self.meta_state()
         model_state, optim_state = self.model.state_dict(), self.optimizer.state_dict()
         if self.fsdp:  # whole tensors (expert ones whole over edp; gathered over ep below)
             model_state = {k: full(v) for k, v in model_state.items()}
             optim_state["state"] = {i: {k: full(v) for k, v in per.items()} for i, per in optim_state["state"].items()}
         if self.experts is not None:
             self.experts.gather_state(model_state, optim_state, self.optimizer)
+        return {"model": model_state, "optimizer": optim_state, **state}
+
+    def meta_state(self) -> dict:
+        """Everything but the model and optimizer tensors; every rank must call it (RNG states are gathered)."""
         return {
-            "model": model_state,
-            "optimizer": optim_state,
             "scaler": self.scaler.state_dict(),
             "progress": {"step": self.step, "sched_step": self.sched_step, "batches_consumed": self.batches_consumed,
                          "tokens_seen": self.tokens_seen, "skipped_overflow": self.skipped_overflow,
@@ -409,10 +421,14 @@ class Trainer:
             if self.log is not None:
                 self.log.warn(f"step {self.step}: parameters are not finite: checkpoint not written")
             return None
+        keep = self.cfg.checkpoint.keep_last
+        if self.save_sharded:  # every rank writes its shards; no rank holds the whole model
+            return save_sharded(self.sharded.tensors(), self.meta_state(), checkpoint_path(self.run_dir, self.step, True),
+                                keep, self.mesh, before_commit=self.faults.save_hook())
         state = self.checkpoint_state()
         path = None
         if self.mesh.is_main:
-            path = save_checkpoint(state, checkpoint_path(self.run_dir, self.step), self.cfg.checkpoint.keep_last,
+            path = save_checkpoint(state, checkpoint_path(self.run_dir, self.step), keep,
                                    before_commit=self.faults.save_hook())
         if self.mesh.distributed:
             dist.barrier()  # nobody races ahead of a checkpoint that is still being written
