@@ -1,5 +1,5 @@
-"""Training throughput of the tiny preset on CPU per parallel layout: one process, DDP and expert
-parallelism over 2 processes, at the same global batch.
+"""Training throughput of the tiny preset on CPU per parallel layout: one process, DDP, expert
+parallelism and FSDP2 over 2 processes, at the same global batch.
 
     python benchmarks/train_throughput.py            # 30 steps per layout
     python benchmarks/train_throughput.py --quick    # 12 steps per layout (make bench, CI)
@@ -10,13 +10,14 @@ sampling and the final checkpoint off and a log row every step, into a temporary
 
 - single: `python launch/train.py`, micro_batch 2b;
 - ddp: `torchrun --standalone --nproc_per_node 2 launch/train_ddp.py`, micro_batch b per rank;
-- ep: the same with `--parallel.ep=2` (the routed experts split over the 2 ranks).
+- ep: the same with `--parallel.ep=2` (the routed experts split over the 2 ranks);
+- fsdp: the same with `--parallel.dp=fsdp` (FSDP2: parameters, gradients and moments sharded).
 
 OMP_NUM_THREADS=1 per rank under torchrun. From RUN_DIR/metrics.jsonl (rank 0's rows) it reports the
 median tokens/s over the steps after the first `--skip` warm-up steps, the median phase split
 (data / forward / backward / optimizer ms) and RSS; the persistent memory per rank (fp32 params +
-grads + AdamW moments) comes from `dsmoe.metrics.memory.estimate_memory(cfg, world, ep, "cpu")`.
-FSDP2 is listed as not implemented. Table with rich; JSON to
+grads + AdamW moments) comes from `dsmoe.metrics.memory.estimate_memory(cfg, world, ep, "cpu")`
+(benchmarks/memory_layouts.py measures it). Table with rich; JSON to
 benchmarks/results/train_throughput-<device>-<date>.json (train_throughput-quick-... for --quick).
 """
 from __future__ import annotations
@@ -41,10 +42,11 @@ from dsmoe.metrics.memory import estimate_memory  # noqa: E402
 
 CONFIG = REPO_ROOT / "configs" / "runs" / "tiny-shakespeare.yaml"
 PHASES = ("data_ms", "forward_ms", "backward_ms", "optimizer_ms")
-LAYOUTS = (  # name, world, ep
-    ("single", 1, 1),
-    ("ddp", 2, 1),
-    ("ep", 2, 2),
+LAYOUTS = (  # name, world, ep, data parallelism
+    ("single", 1, 1, "ddp"),
+    ("ddp", 2, 1, "ddp"),
+    ("ep", 2, 2, "ddp"),
+    ("fsdp", 2, 1, "fsdp"),
 )
 MiB = 2 ** 20
 
@@ -56,8 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip", type=int, default=2, help="first steps left out of the medians (warm-up)")
     p.add_argument("--micro-batch", type=int, default=8,
                    help="b: sequences per rank at world 2; the single process runs 2b (same global batch)")
-    p.add_argument("--layouts", nargs="+", choices=[name for name, _, _ in LAYOUTS],
-                   default=[name for name, _, _ in LAYOUTS])
+    p.add_argument("--layouts", nargs="+", choices=[name for name, *_ in LAYOUTS],
+                   default=[name for name, *_ in LAYOUTS])
     p.add_argument("--timeout", type=int, default=300, help="seconds per layout run")
     p.add_argument("--quick", action="store_true", help="12 steps per layout")
     p.add_argument("--no-save", action="store_true", help="print the table only, write no JSON")
@@ -68,19 +70,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def overrides(micro_batch: int, steps: int, ep: int, run_dir: Path) -> list[str]:
+def overrides(micro_batch: int, steps: int, ep: int, dp: str, run_dir: Path) -> list[str]:
     out = [f"--train.steps={steps}", f"--train.micro_batch={micro_batch}", "--train.grad_accum=1",
            "--train.eval_every=0", "--train.sample_every=0", "--train.log_every=1",
            "--train.device=cpu", "--checkpoint.save_final=false", "--log.rich=off", f"--run.dir={run_dir}"]
     if ep > 1:
         out.append(f"--parallel.ep={ep}")
+    if dp != "ddp":
+        out.append(f"--parallel.dp={dp}")
     return out
 
 
-def run_layout(name: str, world: int, ep: int, args, tmp: Path) -> dict:
+def run_layout(name: str, world: int, ep: int, dp: str, args, tmp: Path) -> dict:
     micro_batch = args.micro_batch * 2 // world
     run_dir = tmp / name
-    ov = overrides(micro_batch, args.steps, ep, run_dir)
+    ov = overrides(micro_batch, args.steps, ep, dp, run_dir)
     env = dict(os.environ)
     if world == 1:
         cmd = [sys.executable, str(REPO_ROOT / "launch" / "train.py")]
@@ -91,7 +95,7 @@ def run_layout(name: str, world: int, ep: int, args, tmp: Path) -> dict:
     cmd += ["--config", str(CONFIG), *ov]
     cfg = load_config(CONFIG, ov)
     mem = estimate_memory(cfg, world, ep, device="cpu")
-    row = {"layout": name, "world": world, "ep": ep, "micro_batch_per_rank": micro_batch,
+    row = {"layout": name, "world": world, "ep": ep, "dp": dp, "micro_batch_per_rank": micro_batch,
            "global_batch": micro_batch * world, "seq_len": cfg.train.seq_len,
            "tokens_per_step": micro_batch * world * cfg.train.seq_len, "steps": args.steps, "skip": args.skip,
            "params_bytes": mem["params"], "grads_bytes": mem["grads"], "optimizer_bytes": mem["optimizer"],
@@ -136,10 +140,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory(prefix="dsmoe-train-throughput-") as tmp:
-        for name, world, ep in LAYOUTS:
+        for name, world, ep, dp in LAYOUTS:
             if name in args.layouts:
-                rows.append(run_layout(name, world, ep, args, Path(tmp)))
-    rows.append({"layout": "fsdp2", "world": 2, "ep": 1, "status": "not implemented"})
+                rows.append(run_layout(name, world, ep, dp, args, Path(tmp)))
     base = next((r["tokens_per_s"] for r in rows if r["layout"] == "single" and r.get("status") == "ok"), None)
     for r in rows:
         if base and r.get("status") == "ok":
@@ -160,7 +163,7 @@ def main(argv=None) -> int:
                 caption="phase ms: rank 0; persistent = fp32 params + grads + AdamW moments per rank (estimate_memory)")
     payload = {"device_type": "cpu", "quick": args.quick, "config": str(CONFIG.relative_to(REPO_ROOT)),
                "steps": args.steps, "skip": args.skip, "micro_batch_b": args.micro_batch, "rows": rows,
-               "all_ok": all(r.get("status") in ("ok", "not implemented") for r in rows)}
+               "all_ok": all(r.get("status") == "ok" for r in rows)}
     if not args.no_save:
         path = write_results("train_throughput-quick" if args.quick else "train_throughput", payload, device="cpu")
         print(f"wrote {path.relative_to(REPO_ROOT)}")
