@@ -192,3 +192,16 @@ def test_experts_not_divisible_by_ep_is_a_config_error(tmp_path, data_cache):
     with pytest.raises(ConfigError) as e:
         small_config(tmp_path, data_cache, "--parallel.ep=3")
     assert "n_routed_experts=4" in str(e.value) and "parallel.ep=3" in str(e.value)
+
+
+def test_ep_runs_log_their_communication(runs):
+    """Every logged step of an expert-parallel run carries the all-to-all bytes and time; ep=1 has neither."""
+    def rows(name):
+        return [json.loads(line) for line in (runs["dirs"][name] / "metrics.jsonl").read_text().splitlines()
+                if '"loss"' in line]
+
+    ep_rows = rows("w2_ep2")
+    assert len(ep_rows) == 6
+    assert all(r["a2a_mb_per_step"] > 0 and r["moe_comm_ms"] > 0 for r in ep_rows)
+    assert all(r["moe_comm_ms"] < r["forward_ms"] + r["backward_ms"] for r in ep_rows)  # a part of them
+    assert not any("moe_comm_ms" in r or "a2a_mb_per_step" in r for r in rows("single"))

@@ -15,7 +15,7 @@ from typing import Optional
 CSV_FIELDS = ["step", "loss", "lr", "grad_norm", "tokens_per_s", "tokens_per_s_per_device", "mfu", "tokens_seen",
               "step_time_s", "data_ms", "forward_ms", "backward_ms", "optimizer_ms", "val_loss", "val_ppl",
               "expert_imbalance", "dropped_frac", "bias_range", "mem_gb", "mem_reserved_gb", "alloc_retries", "ooms",
-              "rss_gb", "a2a_mb_per_step", "skipped_overflow", "guard_events"]
+              "rss_gb", "a2a_mb_per_step", "moe_comm_ms", "skipped_overflow", "guard_events"]
 
 
 def fmt_tokens(n: float) -> str:
@@ -118,7 +118,8 @@ class RunLogger:
         if "expert_imbalance" in m:
             parts.append(f"imb {m['expert_imbalance']:.2f}")
         if "a2a_mb_per_step" in m:
-            parts.append(f"a2a {m['a2a_mb_per_step']:.1f}MB")
+            parts.append(f"a2a {m['a2a_mb_per_step']:.1f}MB"
+                         + (f" {m['moe_comm_ms']:.0f}ms" if m.get("moe_comm_ms") is not None else ""))
         if m.get("dropped_frac"):
             parts.append(f"drop {100 * m['dropped_frac']:.1f}%")
         return " | ".join(parts)

@@ -7,6 +7,7 @@ r) with every rank raising the same error.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Sequence
 
 import torch
@@ -78,8 +79,8 @@ class _AllToAll(torch.autograd.Function):
     """Uneven all_to_all_single; backward is the reverse exchange with the splits swapped."""
 
     @staticmethod
-    def forward(ctx, x, input_splits, output_splits, group, pending: Optional[list]):
-        ctx.input_splits, ctx.output_splits, ctx.group = input_splits, output_splits, group
+    def forward(ctx, x, input_splits, output_splits, group, pending: Optional[list], timer):
+        ctx.input_splits, ctx.output_splits, ctx.group, ctx.timer = input_splits, output_splits, group, timer
         x = x.contiguous()
         out = x.new_empty((sum(output_splits), *x.shape[1:]))
         work = dist.all_to_all_single(out, x, list(output_splits), list(input_splits), group=group,
@@ -92,24 +93,32 @@ class _AllToAll(torch.autograd.Function):
     def backward(ctx, grad_out):
         grad_out = grad_out.contiguous()
         grad_in = grad_out.new_empty((sum(ctx.input_splits), *grad_out.shape[1:]))
-        dist.all_to_all_single(grad_in, grad_out, list(ctx.input_splits), list(ctx.output_splits), group=ctx.group)
-        return grad_in, None, None, None, None
+        with comm_phase(ctx.timer):
+            dist.all_to_all_single(grad_in, grad_out, list(ctx.input_splits), list(ctx.output_splits), group=ctx.group)
+        return grad_in, None, None, None, None, None
+
+
+def comm_phase(timer):
+    """Time a communication as the step timer's `moe_comm` phase (nothing without a timer)."""
+    return timer.phase("moe_comm") if timer is not None else contextlib.nullcontext()
 
 
 def all_to_all(x: torch.Tensor, input_splits: Sequence[int], output_splits: Sequence[int], group=None,
-               async_op: bool = False, check_peers: bool = False):
+               async_op: bool = False, check_peers: bool = False, timer=None):
     """Send rows x[sum(input_splits[:s]) : ...] to group rank s; receive output_splits[r] rows from r.
 
     Differentiable. Returns (out, pending): with async_op, call `pending.wait()` before reading `out`
     (work that does not need `out` can run meanwhile); without it, pending is None.
     `check_peers` adds the cross-rank check (one extra small collective): use it for splits that were
-    not derived from exchanged counts.
+    not derived from exchanged counts. `timer`: a StepTimer that gets this exchange and its backward
+    as `moe_comm` (the async launch only; time the wait yourself).
     """
     validate_splits(x.shape[0], input_splits, output_splits, group)
     if check_peers:
         check_peer_splits(input_splits, output_splits, group, x.device)
     pending: Optional[list] = [] if async_op else None
-    out = _AllToAll.apply(x, tuple(input_splits), tuple(output_splits), group, pending)
+    with comm_phase(timer):
+        out = _AllToAll.apply(x, tuple(input_splits), tuple(output_splits), group, pending, timer)
     return out, (pending[0] if async_op else None)
 
 

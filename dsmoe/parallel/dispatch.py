@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from dsmoe.model.dispatch import Dispatcher, LocalDispatcher, LocalHandle, sort_by_expert
-from dsmoe.parallel.comm import all_to_all, check_peer_splits, exchange_counts
+from dsmoe.parallel.comm import all_to_all, check_peer_splits, comm_phase, exchange_counts
 
 __all__ = ["Dispatcher", "LocalDispatcher", "LocalHandle", "AllToAllDispatcher", "EPHandle", "make_dispatcher"]
 
@@ -55,15 +55,17 @@ class AllToAllDispatcher(Dispatcher):
         # more small collective and host copy per layer, for debugging only
         self.check_splits = check_splits
         self.bytes_sent = 0  # to other ranks, dispatch + combine, since the trainer last read it
+        self.timer = None  # a StepTimer: exchanges and waits are timed as its `moe_comm` phase
 
     def dispatch(self, x_TD, topk_idx_TK, overlap=None):
         T, K = topk_idx_TK.shape
         ep, El = self.ep, self.n_local_experts
         # dropped (-1) assignments sort last and are not counted: they are never sent
         order, counts_E = sort_by_expert(topk_idx_TK, self.n_experts)
-        recv_counts_RL = exchange_counts(counts_E, self.group).view(ep, El)  # [source rank, local expert]
-        # The one device-to-host copy of this layer: every split size comes from this single tensor.
-        sizes = torch.cat([counts_E.view(ep, El).sum(1), recv_counts_RL.sum(1)]).tolist()
+        with comm_phase(self.timer):
+            recv_counts_RL = exchange_counts(counts_E, self.group).view(ep, El)  # [source rank, local expert]
+            # The one device-to-host copy of this layer: every split size comes from this single tensor.
+            sizes = torch.cat([counts_E.view(ep, El).sum(1), recv_counts_RL.sum(1)]).tolist()
         input_splits, output_splits = sizes[:ep], sizes[ep:]
         off_rank_rows = sum(input_splits) - input_splits[dist.get_rank(self.group)]
         self.bytes_sent += 2 * off_rank_rows * x_TD.shape[1] * x_TD.element_size()  # the combine returns as many
@@ -74,7 +76,7 @@ class AllToAllDispatcher(Dispatcher):
         token_of_row = sent_row // K
         # index_select, not x[idx]: a row-wise copy, several times faster than advanced indexing on CPU
         send_x = x_TD.index_select(0, token_of_row)
-        recv_x, pending = all_to_all(send_x, input_splits, output_splits, self.group, async_op=True)
+        recv_x, pending = all_to_all(send_x, input_splits, output_splits, self.group, async_op=True, timer=self.timer)
         overlap_result = overlap() if overlap is not None else None  # shared experts, while tokens fly
         to_expert_major = to_rank_major = None  # one expert per rank: rank-major is expert-major
         if El > 1:
@@ -88,7 +90,8 @@ class AllToAllDispatcher(Dispatcher):
         # dropless (every assignment sent, known from the host-side splits): combine can gather the rows
         # back into (token, k) order and reduce them with one batched matmul
         assign_order = _inverse(order) if sum(input_splits) == T * K else None
-        pending.wait()
+        with comm_phase(self.timer):  # what the overlapped work did not hide
+            pending.wait()
         handle = EPHandle(sent_row, token_of_row, input_splits, output_splits, to_expert_major, to_rank_major, T,
                           overlap_result, assign_order)
         expert_x = recv_x if to_expert_major is None else recv_x.index_select(0, to_expert_major)
@@ -99,7 +102,7 @@ class AllToAllDispatcher(Dispatcher):
         # scatters the gradient back), then return to the sources
         y_rank_major = expert_y_ND if handle.to_rank_major is None else \
             expert_y_ND.index_select(0, handle.to_rank_major)
-        y_SD, _ = all_to_all(y_rank_major, handle.output_splits, handle.input_splits, self.group)
+        y_SD, _ = all_to_all(y_rank_major, handle.output_splits, handle.input_splits, self.group, timer=self.timer)
         if handle.assign_order is not None:
             # out[t] = sum_k w[t,k] * y[t,k]: a [1,K] x [K,d] fp32 matmul per token, accumulated in fp32
             # (autocast off: it would run it in bf16). One read of the rows, no [T*K, d] temporary

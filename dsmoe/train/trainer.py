@@ -80,6 +80,9 @@ class Trainer:
         self.faults.attach(self.model)
         self.events: list[dict] = []  # guard events of this run, for logs and tests
         self.timer = StepTimer(self.device)
+        for moe in self.model.moe_modules():
+            if hasattr(moe.dispatcher, "timer"):  # expert parallelism: time the all-to-alls
+                moe.dispatcher.timer = self.timer
         self.log: Optional[RunLogger] = None
         self.resumed_from = resolve_resume(resume, self.run_dir)
         if self.resumed_from is not None:
