@@ -7,6 +7,7 @@ import pytest
 
 from conftest import small_config
 from distributed import run_workers
+from dsmoe.config import ConfigError
 from dsmoe.train.trainer import Trainer
 
 TOL = 1e-5
@@ -21,6 +22,13 @@ def rel_err(a: dict, b: dict) -> float:
 def run_jobs(rank, world, cache, jobs):
     out = {}
     for name, (run_dir, overrides) in jobs.items():
+        if name.startswith("error"):
+            try:
+                Trainer(small_config(run_dir, cache, *overrides))
+                out[name] = None
+            except ConfigError as e:
+                out[name] = str(e)
+            continue
         trainer = Trainer(small_config(run_dir, cache, *overrides))
         result = trainer.fit()
         state = trainer.checkpoint_state()  # every rank takes part; rank 0's holds the whole model
@@ -38,11 +46,13 @@ def layouts(world):
     if world == 2:  # fp16 parameters for compute, fp32 reduction, GradScaler over sharded gradients
         jobs["ddp-fp16"] = base + ["--train.precision=fp16"]
         jobs["fsdp-fp16"] = base + ["--train.precision=fp16", "--parallel.dp=fsdp"]
+        jobs["error-offload"] = base + ["--parallel.dp=fsdp", "--parallel.cpu_offload=true"]
     if world == 4:
         jobs["hsdp"] = base + ["--parallel.dp=fsdp", "--parallel.replicate=2"]
         jobs["hsdp-ep2"] = base + ["--parallel.dp=fsdp", "--parallel.replicate=2", "--parallel.ep=2"]
         jobs["fsdp-ep4"] = base + ["--parallel.dp=fsdp", "--parallel.ep=4"]
         jobs["fsdp-noreshard"] = base + ["--parallel.dp=fsdp", "--parallel.reshard_after_forward=false"]
+        jobs["error-replicate"] = base + ["--parallel.dp=fsdp", "--parallel.replicate=3"]
     return jobs
 
 
@@ -58,7 +68,7 @@ def test_fsdp_trains_like_ddp(runs):
     world, got = runs
     ref = got["ddp"]
     for name, run in got.items():
-        if name.endswith("fp16"):
+        if name.endswith("fp16") or name.startswith("error"):
             continue
         for step, (a, b) in enumerate(zip(run["losses"], ref["losses"])):
             assert abs(a - b) <= TOL * abs(b), f"{name}, world {world}, step {step + 1}: {a} vs {b}"
@@ -90,3 +100,16 @@ def test_fsdp_fp16_trains_like_ddp_fp16(runs):
         assert abs(a - b) <= 1e-3 * abs(b), (run["losses"], ref["losses"])
     assert rel_err(run["model"], ref["model"]) < 1e-2
     assert run["losses"][-1] < run["losses"][0] - 0.5  # it learns
+
+
+def test_layouts_that_cannot_work_get_clear_errors(runs):
+    world, got = runs
+    if world == 2:
+        assert "parallel.cpu_offload" in got["error-offload"] and "needs CUDA" in got["error-offload"]
+    else:
+        assert "parallel.replicate=3 does not divide the world size 4" in got["error-replicate"]
+
+
+def test_hsdp_needs_fsdp(tmp_path, data_cache):
+    with pytest.raises(ConfigError, match="needs parallel.dp=fsdp"):
+        small_config(tmp_path, data_cache, "--parallel.replicate=2")
