@@ -10,13 +10,15 @@ Runs, continuing past a failing one (its return code and the tail of its output 
     torchrun --standalone --nproc_per_node 2 benchmarks/moe_dispatch.py   expert-parallel dispatch vs all-to-all
     benchmarks/data_loader.py                                       loader tokens/s vs training tokens/s
     benchmarks/train_throughput.py                                  tiny training: single / DDP / EP (/ FSDP2)
+    benchmarks/activation_checkpointing.py                          bytes kept and step time per checkpointing policy
     benchmarks/peer_hf.py                                           dsmoe vs HF DeepseekV3 (skips without transformers)
 
 (each with --quick when given). Then reads the JSON each wrote in this run
 (benchmarks/results/<name>[-quick][-ep2]-<device>-<date>.json) and writes
 benchmarks/results/<device>-<date>.json (all of them, plus the run log), <device>-<date>.md (one table
 per benchmark with the key figures and each goal met / not met) and, when matplotlib is importable,
-<device>-<date>-moe_layer.png, -dispatch_vs_a2a.png and -train_throughput.png. The markdown is
+<device>-<date>-moe_layer.png, -dispatch_vs_a2a.png, -train_throughput.png and
+-activation_checkpointing.png. The markdown is
 printed at the end. Exit status 1 when a benchmark failed (goals not met do not fail the suite).
 """
 from __future__ import annotations
@@ -55,6 +57,8 @@ def steps(quick: bool) -> list[dict]:
          "cmd": [py, "benchmarks/data_loader.py", *q], "result": f"data_loader{sfx}"},
         {"key": "train_throughput", "title": "Training throughput per layout (tiny, CPU)",
          "cmd": [py, "benchmarks/train_throughput.py", *q], "result": f"train_throughput{sfx}"},
+        {"key": "activation_checkpointing", "title": "Activation checkpointing: bytes kept vs step time",
+         "cmd": [py, "benchmarks/activation_checkpointing.py", *q], "result": f"activation_checkpointing{sfx}"},
         {"key": "peer_hf", "title": "dsmoe vs Hugging Face DeepseekV3",
          "cmd": [py, "benchmarks/peer_hf.py", *q], "result": f"peer_hf{sfx}"},
     ]
@@ -65,7 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="every benchmark with --quick (make bench)")
     p.add_argument("--only", nargs="+", default=None,
-                   help="run only these (moe_dispatch moe_dispatch_ep2 data_loader train_throughput peer_hf)")
+                   help="run only these (moe_dispatch moe_dispatch_ep2 data_loader train_throughput "
+                        "activation_checkpointing peer_hf)")
     p.add_argument("--timeout", type=int, default=None, help="seconds per benchmark (default 600; 3600 full)")
     p.add_argument("--no-plots", action="store_true")
     args = p.parse_args(argv)
@@ -208,8 +213,19 @@ def md_peer(res: dict) -> list[str]:
     return head + _table(["impl", "step ms", "tokens/s", "peak MiB"], rows) + _goals(res)
 
 
+def md_ac(res: dict) -> list[str]:
+    rows = [[r["shape"], r["policy"], _f(r["blocks_kept_bytes"] / MiB), _f(r["blocks_kept_fraction"], ".3f"),
+             _f(r["blocks_time_ratio"], ".2f"), _f(r["step_time_ratio"], ".2f")]
+            for r in res["rows"] if "blocks_kept_bytes" in r]
+    reduced = [f"{name}: {s['reduction']}" for name, s in (res.get("shapes") or {}).items() if s.get("reduction")]
+    head = [f"{res.get('dtype')}, fwd+bwd, median of {res.get('iters')}; the transformer blocks' part (the model "
+            f"minus the model with its blocks skipped); times relative to none"
+            + (f"; reduced: {'; '.join(reduced)}" if reduced else ""), ""]
+    return head + _table(["shape", "policy", "saved MiB", "of none", "time ratio", "step ratio"], rows) + _goals(res)
+
+
 RENDER = {"moe_dispatch": md_moe, "moe_dispatch_ep2": md_ep, "data_loader": md_loader,
-          "train_throughput": md_train, "peer_hf": md_peer}
+          "train_throughput": md_train, "activation_checkpointing": md_ac, "peer_hf": md_peer}
 
 
 def markdown(combined: dict) -> str:
@@ -301,6 +317,20 @@ def plots(combined: dict, stem: str) -> list[str]:
         ax.set_ylabel("tokens/s")
         ax.set_title("Training throughput, tiny preset, CPU")
         save(fig, "train_throughput")
+    if "activation_checkpointing" in res:
+        rows = [r for r in res["activation_checkpointing"]["rows"] if "blocks_kept_bytes" in r]
+        names = list(dict.fromkeys(r["shape"] for r in rows))
+        fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
+        for ax, name in zip(axes[0], names):
+            for r in (r for r in rows if r["shape"] == name):
+                ax.scatter(r["blocks_kept_fraction"], r["blocks_time_ratio"])
+                ax.annotate(r["policy"], (r["blocks_kept_fraction"], r["blocks_time_ratio"]),
+                            textcoords="offset points", xytext=(4, 4), fontsize=8)
+            ax.set_xlabel("activation bytes kept (fraction of none)")
+            ax.set_ylabel("block time (ratio to none)")
+            ax.set_title(name)
+        fig.suptitle(f"Activation checkpointing, {combined['device']}")
+        save(fig, "activation_checkpointing")
     return written
 
 

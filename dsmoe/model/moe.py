@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -171,6 +172,11 @@ class GroupedExperts(nn.Module):
         return torch.cat(outs + [torch.zeros_like(chunks[-1])])
 
 
+def run_here(fn: Callable, *args):
+    """The default way to run a piece of a layer: just call it."""
+    return fn(*args)
+
+
 class MoE(nn.Module):
     """Shared experts + routed experts; tokens reach the routed experts through a Dispatcher."""
 
@@ -184,15 +190,18 @@ class MoE(nn.Module):
                                       first=getattr(self.dispatcher, "first_expert", 0))
         self.shared = SwiGLU(cfg.model.d_model, e.n_shared_experts * e.expert_hidden) if e.n_shared_experts else None
 
-    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, Routing]:
+    def forward(self, x_BSD: torch.Tensor, run_local: Callable = run_here) -> tuple[torch.Tensor, Routing]:
+        """`run_local(fn, *args)` runs the pieces that stay on this rank (router, routed experts, shared
+        experts), so a checkpointing policy can recompute them without the dispatch and combine between
+        them, which hold the expert-parallel collectives and their host sync."""
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
-        routing = self.router(x_TD, B)
+        routing = run_local(self.router, x_TD, B)
         if torch.is_autocast_enabled(x_TD.device.type):  # move and gather tokens in the compute dtype
             x_TD = x_TD.to(torch.get_autocast_dtype(x_TD.device.type))
-        shared_fn = (lambda: self.shared(x_TD)) if self.shared is not None else None
+        shared_fn = (lambda: run_local(self.shared, x_TD)) if self.shared is not None else None
         expert_x, counts, handle = self.dispatcher.dispatch(x_TD, routing.topk_idx, overlap=shared_fn)
-        expert_y = self.experts(expert_x, counts)
+        expert_y = run_local(self.experts, expert_x, counts)
         y_TD = self.dispatcher.combine(expert_y, routing.topk_weight, handle).to(x_BSD.dtype)
         if self.shared is not None:
             y_TD = y_TD + handle.overlap_result

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from dsmoe.config import Config
 from dsmoe.model.attention import RMSNorm, RotaryCache, build_attention
 from dsmoe.model.dispatch import Dispatcher
-from dsmoe.model.moe import MoE, SwiGLU
+from dsmoe.model.moe import MoE, SwiGLU, run_here
 
 
 class Block(nn.Module):
@@ -25,11 +25,21 @@ class Block(nn.Module):
         self.is_moe = cfg.is_moe_layer(layer)
         self.ffn = MoE(cfg, dispatcher) if self.is_moe else SwiGLU(cfg.model.d_model, cfg.model.ffn_hidden)
 
-    def forward(self, x: torch.Tensor):
-        """Returns (x, aux_loss, expert_counts [E] or None, dropped or None)."""
-        x = x + self.attn(self.attn_norm(x))
+    def forward(self, x: torch.Tensor, run_attention: Callable = run_here, run_ffn: Callable = run_here,
+                run_local: Callable = run_here):
+        """Returns (x, aux_loss, expert_counts [E] or None, dropped or None).
+
+        `run_attention(fn, x)` and `run_ffn(fn, x, run_local)` run the two sub-layers and `run_local` the
+        MoE's local pieces (see MoE.forward): a checkpointing policy recomputes some of them in backward.
+        They are arguments, not separate calls, so wrappers hooked on the block's call (FSDP) still run."""
+        return run_ffn(self.ffn_residual, run_attention(self.attention_residual, x), run_local)
+
+    def attention_residual(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.attn(self.attn_norm(x))
+
+    def ffn_residual(self, x: torch.Tensor, run_local: Callable = run_here):
         if self.is_moe:
-            y, routing = self.ffn(self.ffn_norm(x))
+            y, routing = self.ffn(run_local(self.ffn_norm, x), run_local)
             return x + y, routing.aux_loss, routing.counts, routing.dropped
         return x + self.ffn(self.ffn_norm(x)), None, None, None
 
