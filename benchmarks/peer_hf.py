@@ -38,7 +38,7 @@ CPU shared with other work, two-thread ops wait for a descheduled thread and sin
 
 Memory. CUDA: peak `torch.cuda.max_memory_allocated` during a step above what was allocated before it,
 plus the model's own parameters and optimizer state. CPU: the bytes autograd saves for backward in one
-forward (`saved_bytes`: saved_tensors_hooks, each storage counted once, parameters and buffers
+forward (dsmoe.metrics.memory.saved_tensor_bytes: each storage counted once, parameters and buffers
 excluded; for dsmoe it equals dsmoe.metrics.memory.measure_saved_activation_bytes) plus parameters,
 gradients and AdamW state.
 
@@ -296,11 +296,6 @@ def make_step(name: str, model, opt, x, y, autocast_dtype):
     return step
 
 
-def saved_bytes(fn, model: torch.nn.Module) -> int:
-    """Bytes autograd keeps for backward while `fn()` runs a forward (any forward signature)."""
-    return saved_tensor_bytes(lambda pack: fn(), model)
-
-
 def state_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
     params = list(model.parameters())
     optim = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
@@ -387,7 +382,7 @@ def run(args) -> dict:
     rows = {k: {"impl": k} for k in NAMES}
     for k in NAMES:  # activations saved for backward by one forward (same on every step)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            rows[k]["saved_activation_bytes"] = saved_bytes(lambda k=k: forward_loss(k, models[k], x, y), models[k])
+            rows[k]["saved_activation_bytes"] = saved_tensor_bytes(lambda k=k: forward_loss(k, models[k], x, y), models[k])
     if device.type == "cpu" and autocast_dtype is None:
         from dsmoe.metrics.memory import measure_saved_activation_bytes
 

@@ -142,10 +142,11 @@ def format_estimate(est: dict, title: str = "", budget: Optional[tuple[float, st
     table.add_column("note")
     n = est["n_params"]
     rows = [
-        ("parameters", est["params"], f"{fmt_count(n)}, fp32 master"),
+        ("parameters", est["params"], f"{fmt_count(n)}, fp32 master" + (", FSDP shard" if est["fsdp_gathered"] else "")),
         ("gradients", est["grads"], "fp32"),
         ("optimizer state", est["optimizer"], "AdamW 2 x fp32"),
         ("autocast weight copies", est["weight_casts"], "16-bit matmul weights"),
+        ("FSDP gathered blocks", est["fsdp_gathered"], "unsharded for compute"),
         ("activations (no ckpt)", est["activations_none"], "saved for backward"),
         ("activations (full ckpt)", est["activations_full"], "block inputs + 1 block"),
         ("logits + fp32 loss copy", est["logits"], "+ loss-backward grads"),

@@ -37,6 +37,9 @@ from typing import Callable, Optional
 
 import torch
 import yaml
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from dsmoe.config import Config
 
@@ -70,13 +73,14 @@ def compute_bytes(cfg: Config, device: str) -> int:
 
 
 def checkpointed_layers(cfg: Config) -> list[bool]:
-    """Which blocks dsmoe.parallel.wrap.block_fn_for recomputes in backward."""
+    """Which blocks dsmoe.parallel.wrap.block_fn_for recomputes whole in backward. The sub-layer and
+    selective policies recompute parts of blocks; the ledger counts those blocks whole (an upper bound)."""
     p, n = cfg.parallel, cfg.model.n_layers
-    if p.activation_checkpointing == "none":
-        return [False] * n
     if p.activation_checkpointing == "full":
         return [True] * n
-    return [i % p.ac_every_n == 0 for i in range(n)]
+    if p.activation_checkpointing == "every_n":
+        return [i % p.ac_every_n == 0 for i in range(n)]
+    return [False] * n
 
 
 # ----------------------------------------------------------------------------- the ledger
@@ -218,8 +222,12 @@ def _param_stats(model_yaml: str, vocab: int, ep: int) -> dict:
     trainable = [p for p in params if p.requires_grad]
     layer_casts = [sum(mod.weight.numel() for mod in block.modules() if isinstance(mod, (torch.nn.Linear, Router)))
                    for block in model.layers]
+    from dsmoe.parallel.expert_state import is_expert_param
+
     return {
         "n_params": sum(p.numel() for p in params),
+        "expert_numel": sum(p.numel() for n, p in model.named_parameters() if is_expert_param(n)),
+        "block_numel": [sum(p.numel() for p in block.parameters()) for block in model.layers],
         "param_bytes": sum(p.numel() * p.element_size() for p in params),  # fp32: the master weights
         "grad_bytes": sum(p.numel() * p.element_size() for p in trainable),  # grads match the params' dtype
         "optim_bytes": 2 * sum(p.numel() * 4 for p in trainable),  # exp_avg + exp_avg_sq, fp32
@@ -264,13 +272,26 @@ def estimate_memory(cfg: Config, world: Optional[int] = None, ep: Optional[int] 
         casts += max(led["expert_casts"][i] for i in redo)
     logits = led["logits"] + led["logprobs"] + led["loss_grad"]
     param_bytes, grad_bytes, optim_bytes = st["param_bytes"], st["grad_bytes"], st["optim_bytes"]
+    gathered = 0
+    if cfg.parallel.dp == "fsdp" and world > 1:
+        # sharded: dense tensors over the shard group, experts over edp; blocks are gathered whole in the
+        # compute dtype (which replaces autocast's cached casts), two at a time with prefetch, or all of
+        # them kept from forward to backward without reshard_after_forward
+        shard, edp = world // cfg.parallel.replicate, world // ep
+        n, experts = st["n_params"], st["expert_numel"]
+        fraction = ((n - experts) / shard + experts / edp) / n
+        param_bytes, grad_bytes, optim_bytes = (int(b * fraction) for b in (param_bytes, grad_bytes, optim_bytes))
+        blocks = sorted(st["block_numel"], reverse=True)
+        kept = blocks if not cfg.parallel.reshard_after_forward else blocks[:2]
+        gathered = sum(kept) * (2 if amp else 4)
+        casts = 0
     persistent = param_bytes + grad_bytes + optim_bytes
-    peak_train = persistent + casts + act_policy + logits
+    peak_train = persistent + casts + gathered + act_policy + logits
     return {
         "world": world, "ep": ep, "device": device, "precision_bytes": 2 if amp else 4,
         "tokens": led["tokens"], "n_params": st["n_params"], "policy": cfg.parallel.activation_checkpointing,
         "params": param_bytes, "grads": grad_bytes, "optimizer": optim_bytes,
-        "weight_casts": casts,
+        "weight_casts": casts, "fsdp_gathered": gathered,
         "activations_none": act_none, "activations_full": act_full, "activations": act_policy,
         "logits": logits, "persistent": persistent, "total": peak_train,
     }
@@ -279,45 +300,65 @@ def estimate_memory(cfg: Config, world: Optional[int] = None, ep: Optional[int] 
 # ----------------------------------------------------------------------------- the measurement
 
 
-def saved_tensor_bytes(fn: Callable[[Callable], object], model: torch.nn.Module) -> int:
-    """Bytes autograd keeps for backward while `fn(pack)` runs a forward, each storage counted once.
+class _StorageLog(TorchDispatchMode):
+    """Weak references to the storage of every tensor an op makes while it is active."""
 
-    Parameters and buffers are excluded (they are counted as parameters); autocast's weight copies are
-    included. `fn` receives `pack`, to count tensors kept alive outside autograd's hooks."""
+    def __init__(self):
+        super().__init__()
+        self.made: list[tuple[StorageWeakRef, int, int]] = []  # (storage, data_ptr, bytes)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                st = t.untyped_storage()
+                self.made.append((StorageWeakRef(st), st.data_ptr(), st.nbytes()))
+        return out
+
+
+def saved_tensor_bytes(fn: Callable[[], object], model: torch.nn.Module) -> int:
+    """Bytes a forward keeps for backward, each storage counted once. `fn()` runs the forward and returns
+    its loss only (which keeps the graph alive; logits it drops are not counted).
+
+    Counted: what autograd saves (its saved-tensor hooks see it, a non-reentrant checkpoint's inputs and
+    tensors made before `fn` such as the targets included), and every other storage made during `fn` that
+    outlives it once autocast's weight-cast cache is cleared (the trainer leaves autocast before backward):
+    what selective checkpointing caches beside the graph. Parameters and buffers are excluded (they are
+    counted as parameters); autocast's weight copies that backward uses are included."""
     inner = getattr(model, "module", model)
     exclude = {t.untyped_storage().data_ptr() for t in chain(inner.parameters(), inner.buffers())}
     storages: dict[int, int] = {}
     held = []  # keep every packed tensor alive so no address is reused before we finish
 
+    def count(ptr: int, nbytes: int) -> None:
+        if ptr not in exclude and ptr != 0:
+            storages[ptr] = max(storages.get(ptr, 0), nbytes)
+
     def pack(t: torch.Tensor) -> torch.Tensor:
         held.append(t)
-        st = t.untyped_storage()
-        if st.data_ptr() not in exclude and st.data_ptr() != 0:
-            storages[st.data_ptr()] = max(storages.get(st.data_ptr(), 0), st.nbytes())
+        count(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn(pack)
+    log = _StorageLog()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), log:
+        loss = fn()
+    torch.clear_autocast_cache()
+    exclude.add(loss.untyped_storage().data_ptr())  # alive because returned, not because backward needs it
+    for ref, ptr, nbytes in log.made:
+        if not ref.expired():
+            count(ptr, nbytes)
     total = sum(storages.values())
     held.clear()
-    del out
+    del loss
     return total
 
 
 def measure_saved_activation_bytes(model: torch.nn.Module, batch, block_fn: Optional[Callable] = None) -> int:
-    """Bytes of the tensors a real dsmoe forward pass keeps for backward (see saved_tensor_bytes).
+    """Bytes of the tensors a real dsmoe forward pass keeps for backward under an activation-checkpointing
+    `block_fn` (see saved_tensor_bytes).
 
     `batch` is (idx, targets) or idx alone (targets = idx). Run it inside `torch.autocast` to measure
-    mixed precision. A checkpointed block's input is kept alive by the checkpoint's recompute closure,
-    outside autograd's hooks, so it is counted explicitly.
+    mixed precision.
     """
     idx, targets = batch if isinstance(batch, (tuple, list)) else (batch, batch)
-
-    def forward(pack):
-        def run(block, x):
-            pack(x)
-            return block_fn(block, x)
-
-        return model(idx, targets, block_fn=run if block_fn is not None else None)
-
-    return saved_tensor_bytes(forward, model)
+    return saved_tensor_bytes(lambda: model(idx, targets, block_fn=block_fn).loss, model)
