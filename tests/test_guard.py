@@ -80,9 +80,9 @@ def losses_by_step(run_dir):
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
-def torchrun(run_dir, cache, *extra, restarts=0):
+def torchrun(run_dir, cache, *extra):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "--max-restarts", str(restarts), str(REPO / "launch" / "train_ddp.py"), "--resume", "auto",
+           str(REPO / "launch" / "train_ddp.py"), "--resume", "auto",
            *small_args(run_dir, cache), *extra]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=400, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
@@ -97,18 +97,21 @@ def small_args(run_dir, cache):
     return flat
 
 
-def test_killed_rank_restarts_and_reproduces_the_losses(tmp_path, data_cache):
+def test_killed_rank_loses_nothing_the_rerun_resumes_to_the_same_losses(tmp_path, data_cache):
+    """SIGKILL of rank 1 at step 4 ends the job (rank 0 sees the reset connection and exits); the same
+    command again, as a scheduler's requeue or torchrun's --max-restarts does, resumes from step 2.
+    (The in-place restart of torchrun itself is not exercised here: on gloo its reconnect is refused or
+    hangs now and then, which would make this test flaky without testing dsmoe.)"""
     ref = torchrun(tmp_path / "ref", data_cache, "--checkpoint.every=2")
     assert ref.returncode == 0, ref.stdout + ref.stderr
     kill_args = ("--checkpoint.every=2", "--guard.inject_kill_step=4", "--guard.inject_kill_rank=1")
-    killed = torchrun(tmp_path / "killed", data_cache, *kill_args, restarts=3)
-    if killed.returncode != 0 and "connectFullMesh" in killed.stderr:
-        # gloo on CPU sometimes refuses the reconnect of an in-place restart; rerunning is what a user does,
-        # and it must resume from the same checkpoint to the same losses
-        killed = torchrun(tmp_path / "killed", data_cache, *kill_args)
-    assert killed.returncode == 0, killed.stdout + killed.stderr
+    killed = torchrun(tmp_path / "killed", data_cache, *kill_args)
+    assert killed.returncode != 0
     assert (tmp_path / "killed" / ".injected-kill-step4-rank1").exists()  # the kill did happen
-    assert "resumed from" in killed.stdout and "step_0000002.pt" in killed.stdout
+    assert [p.name for p in list_checkpoints(tmp_path / "killed")] == ["step_0000002.pt"]
+    rerun = torchrun(tmp_path / "killed", data_cache, *kill_args)  # the marker: no second kill
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "resumed from" in rerun.stdout and "step_0000002.pt" in rerun.stdout
     assert losses_by_step(tmp_path / "killed") == losses_by_step(tmp_path / "ref")
 
 
