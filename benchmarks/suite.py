@@ -9,7 +9,8 @@ Runs, continuing past a failing one (its return code and the tail of its output 
     benchmarks/moe_dispatch.py                                      one MoE layer: loop / grouped / dense
     torchrun --standalone --nproc_per_node 2 benchmarks/moe_dispatch.py   expert-parallel dispatch vs all-to-all
     benchmarks/data_loader.py                                       loader tokens/s vs training tokens/s
-    benchmarks/train_throughput.py                                  tiny training: single / DDP / EP (/ FSDP2)
+    benchmarks/train_throughput.py                                  tiny training: single / DDP / EP / FSDP2
+    benchmarks/memory_layouts.py                                    measured bytes per rank: DDP vs FSDP2, world 2 and 4
     benchmarks/activation_checkpointing.py                          bytes kept and step time per checkpointing policy
     benchmarks/peer_hf.py                                           dsmoe vs HF DeepseekV3 (skips without transformers)
 
@@ -17,7 +18,7 @@ Runs, continuing past a failing one (its return code and the tail of its output 
 (benchmarks/results/<name>[-quick][-ep2]-<device>-<date>.json) and writes
 benchmarks/results/<device>-<date>.json (all of them, plus the run log), <device>-<date>.md (one table
 per benchmark with the key figures and each goal met / not met) and, when matplotlib is importable,
-<device>-<date>-moe_layer.png, -dispatch_vs_a2a.png, -train_throughput.png and
+<device>-<date>-moe_layer.png, -dispatch_vs_a2a.png, -train_throughput.png, -memory_layouts.png and
 -activation_checkpointing.png. The markdown is
 printed at the end. Exit status 1 when a benchmark failed (goals not met do not fail the suite).
 """
@@ -57,6 +58,8 @@ def steps(quick: bool) -> list[dict]:
          "cmd": [py, "benchmarks/data_loader.py", *q], "result": f"data_loader{sfx}"},
         {"key": "train_throughput", "title": "Training throughput per layout (tiny, CPU)",
          "cmd": [py, "benchmarks/train_throughput.py", *q], "result": f"train_throughput{sfx}"},
+        {"key": "memory_layouts", "title": "Persistent memory per rank: DDP vs FSDP2",
+         "cmd": [py, "benchmarks/memory_layouts.py", *q], "result": f"memory_layouts{sfx}"},
         {"key": "activation_checkpointing", "title": "Activation checkpointing: bytes kept vs step time",
          "cmd": [py, "benchmarks/activation_checkpointing.py", *q], "result": f"activation_checkpointing{sfx}"},
         {"key": "peer_hf", "title": "dsmoe vs Hugging Face DeepseekV3",
@@ -70,7 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="every benchmark with --quick (make bench)")
     p.add_argument("--only", nargs="+", default=None,
                    help="run only these (moe_dispatch moe_dispatch_ep2 data_loader train_throughput "
-                        "activation_checkpointing peer_hf)")
+                        "memory_layouts activation_checkpointing peer_hf)")
     p.add_argument("--timeout", type=int, default=None, help="seconds per benchmark (default 600; 3600 full)")
     p.add_argument("--no-plots", action="store_true")
     args = p.parse_args(argv)
@@ -213,6 +216,15 @@ def md_peer(res: dict) -> list[str]:
     return head + _table(["impl", "step ms", "tokens/s", "peak MiB"], rows) + _goals(res)
 
 
+def md_memory(res: dict) -> list[str]:
+    rows = [[r["preset"], r["world"], r["dp"], _f(r["params"] / MiB, ",.2f"), _f(r["grads"] / MiB, ",.2f"),
+             _f(r["optimizer"] / MiB, ",.2f"), _f(r["persistent"] / MiB, ",.2f"),
+             _f(r.get("ratio_to_ddp_over_world"), ".3f")] for r in res["rows"]]
+    head = ["measured on rank 0 after one step: storages behind parameters, gradients and AdamW state", ""]
+    return head + _table(["preset", "world", "dp", "params MiB", "grads MiB", "AdamW MiB", "total MiB",
+                          "FSDP / (DDP/world)"], rows) + _goals(res)
+
+
 def md_ac(res: dict) -> list[str]:
     rows = [[r["shape"], r["policy"], _f(r["blocks_kept_bytes"] / MiB), _f(r["blocks_kept_fraction"], ".3f"),
              _f(r["blocks_time_ratio"], ".2f"), _f(r["step_time_ratio"], ".2f")]
@@ -225,7 +237,8 @@ def md_ac(res: dict) -> list[str]:
 
 
 RENDER = {"moe_dispatch": md_moe, "moe_dispatch_ep2": md_ep, "data_loader": md_loader,
-          "train_throughput": md_train, "activation_checkpointing": md_ac, "peer_hf": md_peer}
+          "train_throughput": md_train, "memory_layouts": md_memory, "activation_checkpointing": md_ac,
+          "peer_hf": md_peer}
 
 
 def markdown(combined: dict) -> str:
@@ -317,6 +330,17 @@ def plots(combined: dict, stem: str) -> list[str]:
         ax.set_ylabel("tokens/s")
         ax.set_title("Training throughput, tiny preset, CPU")
         save(fig, "train_throughput")
+    if "memory_layouts" in res:
+        rows = res["memory_layouts"]["rows"]
+        presets = list(dict.fromkeys(r["preset"] for r in rows))
+        fig, axes = plt.subplots(1, len(presets), figsize=(5 * len(presets), 4), squeeze=False)
+        for ax, preset in zip(axes[0], presets):
+            mine = [r for r in rows if r["preset"] == preset]
+            ax.bar([f"{r['dp']}\nworld {r['world']}" for r in mine], [r["persistent"] / MiB for r in mine])
+            ax.set_ylabel("MiB per rank (params + grads + AdamW)")
+            ax.set_title(preset)
+        fig.suptitle(f"Persistent memory per rank, {combined['device']}")
+        save(fig, "memory_layouts")
     if "activation_checkpointing" in res:
         rows = [r for r in res["activation_checkpointing"]["rows"] if "blocks_kept_bytes" in r]
         names = list(dict.fromkeys(r["shape"] for r in rows))

@@ -75,5 +75,5 @@ def test_two_torchrun_agents_meet_over_c10d(tmp_path, data_cache):
               for node in (0, 1)]
     outputs = [a.communicate(timeout=300)[0] for a in agents]
     assert all(a.returncode == 0 for a in agents), "\n".join(outputs)
-    assert any("world 2 (edp 2 x ep 1)" in o for o in outputs)
+    assert any("world 2 (edp 2 x ep 1, DDP)" in o for o in outputs)
     assert (tmp_path / "run" / "checkpoints" / "step_0000003.pt").exists()
