@@ -20,8 +20,9 @@ not from a rule of thumb such as 34·s·b·h. Facts the model encodes, all visib
 - The MoE combine works in fp32: expert outputs are upcast ([T·K, d] fp32) and the weighted rows
   given to index_add_ are saved too ([T·K, d] fp32).
 - SDPA: fused kernels (flash / memory-efficient / cuDNN on CUDA; flash on CPU when q/k and v head
-  sizes match) save q, k, v, the output and an fp32 logsumexp; CPU's math fallback (MLA with
-  qk != v head size) saves scaled fp32 copies of q, k, v and the [B,H,S,S] probabilities.
+  sizes match) save q, k, v, the output and an fp32 logsumexp. MLA pads V to the q/k head size so
+  that they do; CPU's math fallback (v head size above q/k's) would save scaled fp32 copies of q, k,
+  v and the [B,H,S,S] probabilities.
 - The router runs F.linear under autocast (its `.float()` does not leave autocast), so its logits
   and scores are 2 bytes there.
 - Full checkpointing keeps only each block's fp32 input [B,S,d]; one block's activations are
@@ -117,6 +118,11 @@ def _attention(cfg: Config, B: int, S: int, cb: int, device: str) -> int:
     # contiguous fp32 copy of the latent; then wkv_b's input
     total += (T * (kv + rope) * 4 + T * kv * 4 + T * 4) if not amp else _norm(T, kv)
     total += T * kv * cb
+    if qk > vd:  # V zero-padded to the q/k head size (a new tensor) so that a flash kernel runs
+        total += 2 * T * H * qk * cb  # q and k (torch.cat outputs)
+        total += 2 * T * H * qk * cb + B * H * S * 4  # padded v, padded output, logsumexp
+        total += T * H * vd * cb  # wo's input: the sliced output, made contiguous
+        return total
     fused = device != "cpu" or qk == vd
     if fused:
         lse_s = S if (qk == vd or device == "cpu") else 32 * math.ceil(S / 32)  # mem-efficient pads lse

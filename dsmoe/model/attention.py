@@ -98,8 +98,14 @@ class MultiHeadLatentAttention(nn.Module):
 
         q_BHSK = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)
         k_BHSK = torch.cat([k_nope, k_pe_BS1R.expand(B, S, H, self.rope)], dim=-1).transpose(1, 2)
-        out_BHSV = F.scaled_dot_product_attention(q_BHSK, k_BHSK, v_BSHV.transpose(1, 2),
-                                                  is_causal=True, scale=self.scale)
+        v_BHSV = v_BSHV.transpose(1, 2)
+        pad = self.nope + self.rope - self.v_dim
+        if pad > 0:
+            # flash kernels (CPU and CUDA) need V's head dim equal to Q/K's; without them SDPA falls back to
+            # the math path, which is slower and keeps the S x S attention weights for backward
+            v_BHSV = F.pad(v_BHSV, (0, pad))
+        out_BHSV = F.scaled_dot_product_attention(q_BHSK, k_BHSK, v_BHSV, is_causal=True, scale=self.scale)
+        out_BHSV = out_BHSV[..., :self.v_dim]
         return self.wo(out_BHSV.transpose(1, 2).reshape(B, S, H * self.v_dim))
 
 
