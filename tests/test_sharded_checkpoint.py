@@ -4,6 +4,8 @@ from single files, and the errors a broken directory gets.
 Global batch 8 sequences x grad_accum 2 throughout (world 2 x 4, world 4 x 2). Three launches: world 2
 writes, world 4 reads and writes, world 2 reads again.
 """
+import shutil
+
 import pytest
 import torch
 
@@ -117,13 +119,18 @@ def test_converter_round_trip_is_lossless(runs, tmp_path):
 def test_broken_directories_get_errors_and_auto_skips_unfinished_ones(runs, tmp_path, data_cache):
     root, _ = runs
     run = tmp_path / "run"
-    (run / "checkpoints" / ".step_0000009.tmp").mkdir(parents=True)  # an interrupted save
-    incomplete = run / "checkpoints" / "step_0000004"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copytree(step_dir(root / "full", 3), step_dir(run, 3))
+    (run / "checkpoints" / ".step_0000009.tmp").mkdir()  # an interrupted save
+    incomplete = step_dir(run, 4)  # named like a checkpoint, but without its meta.pt
     incomplete.mkdir()
     (incomplete / ".metadata").write_bytes(b"")
-    assert resolve_resume("auto", run) == incomplete  # named like a checkpoint, but not complete:
+    assert resolve_resume("auto", run) == step_dir(run, 3)
     with pytest.raises(CheckpointError, match="not a complete sharded checkpoint"):
-        Trainer(small_config(run, data_cache, "--parallel.dp=fsdp"), resume="auto")
+        Trainer(small_config(run, data_cache), resume=str(incomplete))
+    (step_dir(run, 3) / "meta.pt").write_bytes(b"junk")
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        Trainer(small_config(run, data_cache), resume="auto")
     other = small_config(tmp_path / "other", data_cache, "--model.d_model=32", "--attention.kv_lora_rank=16")
     with pytest.raises(CheckpointError, match="belongs to another model"):
         Trainer(other, resume=str(step_dir(root / "full", 3)))

@@ -37,10 +37,11 @@ def is_sharded(path: str | Path) -> bool:
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first (temporary files and directories of interrupted writes are ignored)."""
+    """Complete checkpoints, oldest first: files, and directories holding their meta.pt (written last);
+    temporary files and directories of interrupted writes are ignored."""
     d = checkpoint_dir(run_dir)
-    found = [p for p in d.glob("step_*") if NAME.match(p.name) and (p.suffix == ".pt") == p.is_file()] \
-        if d.is_dir() else []
+    found = [p for p in d.glob("step_*") if NAME.match(p.name)
+             and (p.is_file() if p.suffix == ".pt" else (p / SHARDED_META).is_file())] if d.is_dir() else []
     return sorted(found, key=lambda p: (int(NAME.match(p.name).group(1)), p.is_file()))
 
 
