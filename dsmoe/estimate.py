@@ -117,10 +117,11 @@ def suggest(cfg: Config, world: int, ep: int, device: str, budget: float) -> lis
                 out.append(f"expert parallelism: --parallel.ep {e} on a multiple of {e} GPUs (each holds "
                            f"{E // e} of {E} experts{how}; {gib(est['total'])})")
     est = estimate_memory(cfg, world=world, ep=ep, device=device)
-    if world > 1:
-        sharded = est["persistent"] / world
-        out.append(f"sharding over {world} GPUs (FSDP2, not yet in dsmoe): parameters + gradients + AdamW state "
-                   f"{gib(est['persistent'])} -> ~{gib(sharded)} per GPU")
+    if world > 1 and p.dp != "fsdp":
+        sharded = estimate_memory(_with(cfg, parallel={"dp": "fsdp"}), world=world, ep=ep, device=device)
+        out.append(f"sharding over {world} GPUs: launch/train_fsdp.py (--parallel.dp=fsdp): parameters + gradients "
+                   f"+ AdamW state {gib(est['persistent'])} -> {gib(sharded['persistent'])} per GPU "
+                   f"({gib(sharded['total'])} peak{'' if sharded['total'] <= budget else ', still too much'})")
     elif est["persistent"] > budget:
         out.append(f"the training state alone ({gib(est['persistent'])} of weights, gradients and AdamW moments) "
                    f"exceeds the budget: use more GPUs with --parallel.ep, or a smaller model")

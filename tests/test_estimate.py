@@ -139,7 +139,7 @@ def test_a_config_that_cannot_fit_gets_a_verdict_and_fixes(capsys, monkeypatch):
     # a model whose weights and optimizer state alone overflow the GPU: expert parallelism / sharding
     rc = main([str(MODELS / "v3-mini.yaml"), "--gpu-mem-gb", "80", "--world", "8"])
     out = capsys.readouterr().out
-    assert rc == 1 and "does not fit" in out and "--parallel.ep" in out and "FSDP2" in out
+    assert rc == 1 and "does not fit" in out and "--parallel.ep" in out and "launch/train_fsdp.py" in out
 
 
 @pytest.mark.parametrize("name", sorted(PROFILES))

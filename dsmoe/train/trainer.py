@@ -501,8 +501,8 @@ class Trainer:
         except torch.OutOfMemoryError as e:
             raise MemoryError(f"out of memory at step {self.step + 1}: see `python -m dsmoe.estimate CONFIG --world "
                               f"{self.mesh.world}` for what fits: lower train.micro_batch (raise train.grad_accum to "
-                              f"keep the batch), set parallel.activation_checkpointing=full, or split the experts "
-                              f"with --parallel.ep\n{e}") from e
+                              f"keep the batch), set parallel.activation_checkpointing=full, split the experts "
+                              f"with --parallel.ep, or shard with launch/train_fsdp.py\n{e}") from e
         finally:
             log.close()
             self.log = None
