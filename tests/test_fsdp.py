@@ -33,6 +33,8 @@ def run_jobs(rank, world, cache, jobs):
         result = trainer.fit()
         state = trainer.checkpoint_state()  # every rank takes part; rank 0's holds the whole model
         out[name] = {"losses": [r["loss"] for r in result["history"] if "loss" in r],
+                     "rollbacks": trainer.guard.rollbacks if trainer.guard is not None else None,
+                     "step": trainer.step, "lr_scale": trainer.lr_scale,
                      "model": state["model"] if rank == 0 else None,
                      "optimizer": state["optimizer"]["state"] if rank == 0 else None}
     return out
@@ -47,6 +49,8 @@ def layouts(world):
         jobs["ddp-fp16"] = base + ["--train.precision=fp16"]
         jobs["fsdp-fp16"] = base + ["--train.precision=fp16", "--parallel.dp=fsdp"]
         jobs["error-offload"] = base + ["--parallel.dp=fsdp", "--parallel.cpu_offload=true"]
+        jobs["rollback-fsdp"] = base + ["--parallel.dp=fsdp", "--guard.policy=rollback", "--guard.rollback_after=1",
+                                        "--guard.inject_nan_step=4", "--guard.inject_nan_rank=1", "--checkpoint.every=2"]
     if world == 4:
         jobs["hsdp"] = base + ["--parallel.dp=fsdp", "--parallel.replicate=2"]
         jobs["hsdp-ep2"] = base + ["--parallel.dp=fsdp", "--parallel.replicate=2", "--parallel.ep=2"]
@@ -68,7 +72,7 @@ def test_fsdp_trains_like_ddp(runs):
     world, got = runs
     ref = got["ddp"]
     for name, run in got.items():
-        if name.endswith("fp16") or name.startswith("error"):
+        if name.endswith("fp16") or name.startswith(("error", "rollback")):
             continue
         for step, (a, b) in enumerate(zip(run["losses"], ref["losses"])):
             assert abs(a - b) <= TOL * abs(b), f"{name}, world {world}, step {step + 1}: {a} vs {b}"
@@ -112,3 +116,15 @@ def test_layouts_that_cannot_work_get_clear_errors(runs):
 def test_hsdp_needs_fsdp(tmp_path, data_cache):
     with pytest.raises(ConfigError, match="needs parallel.dp=fsdp"):
         small_config(tmp_path, data_cache, "--parallel.replicate=2")
+
+
+@pytest.mark.parametrize("runs", [2], indirect=True)
+def test_rollback_under_fsdp_restores_the_sharded_checkpoint(runs):
+    """A NaN on one rank at step 4: every rank rolls back to the sharded step-2 directory and goes on."""
+    _, got = runs
+    run, ref = got["rollback-fsdp"], got["fsdp"]
+    assert run["rollbacks"] == 1 and run["lr_scale"] == 0.5 and run["step"] == 6
+    assert run["losses"][:3] == ref["losses"][:3]  # identical until the fault
+    assert run["losses"][3] != run["losses"][3]  # the poisoned step is logged as it was: NaN
+    assert all(loss == loss for loss in run["losses"][4:])  # finite after the rollback
+    assert all(v.isfinite().all() for v in run["model"].values())

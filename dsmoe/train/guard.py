@@ -170,15 +170,19 @@ def localize(model: torch.nn.Module, run_micro_batch, step: int, rank: int) -> O
         if name and not list(module.children()):  # leaf modules: full backward hooks on containers clash
             handles.append(module.register_full_backward_hook(bwd_hook(name)))
     try:
-        loss = run_micro_batch()
-        if not found and loss.requires_grad and torch.isfinite(loss):
+        with warnings.catch_warnings():  # the router returns a Routing: its backward hook never fires, fine
+            warnings.filterwarnings("ignore", message="For backward hooks to be called")
+            loss = run_micro_batch()
+        if not found and not torch.isfinite(loss):
+            found.append({"phase": "loss", "module": "<loss>", "type": "loss", "output": _stats(loss)})
+        if loss.requires_grad:
+            # on every rank, whatever it found: backward holds collectives (the expert all-to-alls, FSDP's
+            # reduce-scatters) that every rank must enter alike
             with warnings.catch_warnings():  # the embedding's input (token ids) needs no gradient
                 warnings.simplefilter("ignore", UserWarning)
                 loss.backward()
-        if not found and not torch.isfinite(loss):
-            found.append({"phase": "loss", "module": "<loss>", "type": "loss", "output": _stats(loss)})
-        # parameters that are already non-finite explain everything downstream
-        bad_params = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+        # parameters that are already non-finite explain everything downstream (FSDP: this rank's shards)
+        bad_params = [n for n, p in model.named_parameters() if not torch.isfinite(local(p.detach())).all()]
     finally:
         for h in handles:
             h.remove()
