@@ -51,6 +51,8 @@ def layouts(world):
         jobs["error-offload"] = base + ["--parallel.dp=fsdp", "--parallel.cpu_offload=true"]
         jobs["rollback-fsdp"] = base + ["--parallel.dp=fsdp", "--guard.policy=rollback", "--guard.rollback_after=1",
                                         "--guard.inject_nan_step=4", "--guard.inject_nan_rank=1", "--checkpoint.every=2"]
+        jobs["rollback-ep2"] = base + ["--parallel.ep=2", "--guard.policy=rollback", "--guard.rollback_after=1",
+                                       "--guard.inject_nan_step=4", "--guard.inject_nan_rank=1", "--checkpoint.every=2"]
     if world == 4:
         jobs["hsdp"] = base + ["--parallel.dp=fsdp", "--parallel.replicate=2"]
         jobs["hsdp-ep2"] = base + ["--parallel.dp=fsdp", "--parallel.replicate=2", "--parallel.ep=2"]
@@ -119,12 +121,14 @@ def test_hsdp_needs_fsdp(tmp_path, data_cache):
 
 
 @pytest.mark.parametrize("runs", [2], indirect=True)
-def test_rollback_under_fsdp_restores_the_sharded_checkpoint(runs):
-    """A NaN on one rank at step 4: every rank rolls back to the sharded step-2 directory and goes on."""
+def test_rollback_under_fsdp_and_ep_restores_the_checkpoint(runs):
+    """A NaN on one rank at step 4: every rank localises it (backward collectives included), rolls back
+    to step 2 (FSDP2: the sharded directory; ep 2: the single file) and goes on."""
     _, got = runs
-    run, ref = got["rollback-fsdp"], got["fsdp"]
-    assert run["rollbacks"] == 1 and run["lr_scale"] == 0.5 and run["step"] == 6
-    assert run["losses"][:3] == ref["losses"][:3]  # identical until the fault
-    assert run["losses"][3] != run["losses"][3]  # the poisoned step is logged as it was: NaN
-    assert all(loss == loss for loss in run["losses"][4:])  # finite after the rollback
-    assert all(v.isfinite().all() for v in run["model"].values())
+    for name, ref in (("rollback-fsdp", got["fsdp"]), ("rollback-ep2", got["ddp-ep2"])):
+        run = got[name]
+        assert run["rollbacks"] == 1 and run["lr_scale"] == 0.5 and run["step"] == 6, name
+        assert run["losses"][:3] == ref["losses"][:3]  # identical until the fault
+        assert run["losses"][3] != run["losses"][3]  # the poisoned step is logged as it was: NaN
+        assert all(loss == loss for loss in run["losses"][4:])  # finite after the rollback
+        assert all(v.isfinite().all() for v in run["model"].values())
