@@ -67,8 +67,7 @@ def worker(rank: int, world: int, port: int, preset: str, dp: str, run_dir: str,
         params = list(trainer.model.parameters())
         row = {"params": storage_bytes(local(p.detach()) for p in params),
                "grads": storage_bytes(local(p.grad) for p in params if p.grad is not None),
-               "optimizer": storage_bytes(v if not hasattr(v, "to_local") else v.to_local()
-                                          for s in trainer.optimizer.state.values() for v in s.values()
+               "optimizer": storage_bytes(local(v) for s in trainer.optimizer.state.values() for v in s.values()
                                           if torch.is_tensor(v)),
                "n_params": sum(p.numel() for p in params)}
         row["persistent"] = row["params"] + row["grads"] + row["optimizer"]

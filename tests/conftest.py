@@ -29,6 +29,13 @@ def small_config(run_dir, cache_dir, *overrides: str):
     return load_config(CONFIG_ROOT / "models" / "tiny.yaml", base + list(overrides))
 
 
+def rel_err(a: dict, b: dict) -> float:
+    """Relative L2 distance of two state dicts over the reference `b`'s tensors."""
+    num = sum((a[k].double() - b[k].double()).pow(2).sum() for k in b)
+    den = sum(b[k].double().pow(2).sum() for k in b)
+    return float((num / den).sqrt())
+
+
 @pytest.fixture(scope="session")
 def data_cache(tmp_path_factory):
     return str(tmp_path_factory.mktemp("data-cache"))

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, small_config
+from conftest import REPO, rel_err, small_config
 from distributed import free_port, run_workers
 from dsmoe.train.trainer import Trainer
 
@@ -22,12 +22,6 @@ def train_worker(rank, world, run_dir, cache, overrides, resume):
 
 def train_single(run_dir, cache, overrides, resume=None):
     return train_worker(0, 1, run_dir, cache, overrides, resume)
-
-
-def rel_err(a: dict, b: dict) -> float:
-    num = sum((a[k].double() - b[k].double()).pow(2).sum() for k in a)
-    den = sum(b[k].double().pow(2).sum() for k in a)
-    return float((num / den).sqrt())
 
 
 def assert_same_run(got, ref, tol):

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from conftest import small_config
+from conftest import rel_err, small_config
 from distributed import run_workers
 from dsmoe.config import ConfigError
 from dsmoe.parallel.expert_state import is_expert_param
@@ -20,12 +20,6 @@ TOL = 1e-5
 E = 4  # small_config's routed experts
 EVAL_SAMPLE = ["--train.eval_every=3", "--train.eval_batches=3", "--train.sample_every=3",
                "--train.sample_tokens=4"]
-
-
-def rel_err(a: dict, b: dict) -> float:
-    num = sum((a[k].double() - b[k].double()).pow(2).sum() for k in b)
-    den = sum(b[k].double().pow(2).sum() for k in b)
-    return float((num / den).sqrt())
 
 
 def ckpt(run_dir, step):

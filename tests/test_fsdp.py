@@ -5,18 +5,12 @@ One launch per world size runs every job (process start-up costs seconds); the t
 """
 import pytest
 
-from conftest import small_config
+from conftest import rel_err, small_config
 from distributed import run_workers
 from dsmoe.config import ConfigError
 from dsmoe.train.trainer import Trainer
 
 TOL = 1e-5
-
-
-def rel_err(a: dict, b: dict) -> float:
-    num = sum((a[k].double() - b[k].double()).pow(2).sum() for k in b)
-    den = sum(b[k].double().pow(2).sum() for k in b)
-    return float((num / den).sqrt())
 
 
 def run_jobs(rank, world, cache, jobs):

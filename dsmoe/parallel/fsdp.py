@@ -10,6 +10,7 @@ world's mean (a divide factor on the reduce-scatter would need PREMUL_SUM, which
 from __future__ import annotations
 
 import contextlib
+
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -82,7 +83,7 @@ def shard_like(value: torch.Tensor, like) -> torch.Tensor:
     return value
 
 
-def grad_norm_sets(model: torch.nn.Module, mesh: Mesh, replicate: int, expert_names: set[str]) -> list[tuple]:
+def grad_norm_sets(model: torch.nn.Module, replicate: int, expert_names: set[str]) -> list[tuple]:
     """(params, group) sets for `clip_grad_norm` over sharded gradients: each set's squared norm of the
     local shards is summed over its group. Expert shards are disjoint over the whole world (edp shards x
     ep experts); dense ones over the shard group (HSDP replicas hold copies, counted once)."""

@@ -17,6 +17,7 @@ partial one. `python -m dsmoe.train.convert` turns it into one `step_N.pt` file 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import warnings
@@ -57,9 +58,14 @@ class ShardedState:
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, mesh: Mesh,
                  experts: Optional[ExpertShards], fsdp: bool):
-        self.model, self.optimizer, self.experts, self.fsdp = model, optimizer, experts, fsdp
-        self.experts_mesh = expert_mesh(mesh) if experts is not None else None
+        self.model, self.optimizer, self.mesh, self.experts, self.fsdp = model, optimizer, mesh, experts, fsdp
         self.expert_names = set(experts.names) if experts is not None else set()
+
+    @functools.cached_property
+    def experts_mesh(self) -> DeviceMesh:
+        """Built on first use, not at start-up: its process groups only serve sharded checkpoints (every
+        rank saves and loads together, so every rank builds it at the same point)."""
+        return expert_mesh(self.mesh)
 
     def _view(self, name: str, t: torch.Tensor) -> torch.Tensor:
         if name not in self.expert_names:

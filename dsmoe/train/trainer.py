@@ -56,7 +56,7 @@ class Trainer:
         if self.mesh.ep > 1 and any(is_expert_param(n) for n, _ in self.model.named_parameters()):
             self.experts = ExpertShards.of(self.model, self.mesh, cfg.moe.n_routed_experts)
         if self.fsdp:
-            self.param_sets = grad_norm_sets(self.model, self.mesh, cfg.parallel.replicate,
+            self.param_sets = grad_norm_sets(self.model, cfg.parallel.replicate,
                                              set(self.experts.names) if self.experts else set())
         else:
             self.param_sets = [(list(self.model.parameters()), None)]
