@@ -65,7 +65,7 @@ class AllToAllDispatcher(Dispatcher):
         with comm_phase(self.timer):
             recv_counts_RL = exchange_counts(counts_E, self.group).view(ep, El)  # [source rank, local expert]
             # The one device-to-host copy of this layer: every split size comes from this single tensor.
-            sizes = torch.cat([counts_E.view(ep, El).sum(1), recv_counts_RL.sum(1)]).tolist()
+            sizes = split_sizes(torch.cat([counts_E.view(ep, El).sum(1), recv_counts_RL.sum(1)]), T * K)
         input_splits, output_splits = sizes[:ep], sizes[ep:]
         off_rank_rows = sum(input_splits) - input_splits[dist.get_rank(self.group)]
         self.bytes_sent += 2 * off_rank_rows * x_TD.shape[1] * x_TD.element_size()  # the combine returns as many
@@ -117,6 +117,13 @@ class AllToAllDispatcher(Dispatcher):
         # fp32 accumulation, as LocalDispatcher: a token's k expert outputs are summed in full precision
         out.index_add_(0, handle.token_of_row, y_SD.float() * weight_S[:, None])
         return out.to(expert_y_ND.dtype)
+
+
+def split_sizes(sizes_2R: torch.Tensor, n_assignments: int) -> list[int]:
+    """Rows sent to, then received from, each EP rank ([2 * ep] counts) as host integers: the layer's one
+    device-to-host copy. The simulated rehearsal (dsmoe.tools.simulate) swaps in balanced routing here,
+    since fake tensors hold no counts; `n_assignments` (T * K) is what it splits."""
+    return sizes_2R.tolist()
 
 
 def _inverse(perm: torch.Tensor) -> torch.Tensor:
