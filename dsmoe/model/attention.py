@@ -30,13 +30,21 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> t
     return angles.cos(), angles.sin()
 
 
-def apply_rope(x_BSHD: torch.Tensor, cos_SD2: torch.Tensor, sin_SD2: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x0, x1), (x2, x3), ... (DeepSeek's complex-number layout)."""
+def apply_rope(x_BSHD: torch.Tensor, cos_SD2: torch.Tensor, sin_SD2: torch.Tensor,
+               positions_BS: torch.Tensor | None = None) -> torch.Tensor:
+    """Rotate interleaved pairs (x0, x1), (x2, x3), ... (DeepSeek's complex-number layout).
+
+    Token s sits at position s unless `positions_BS` [B, S] (long) gives each token its own position
+    (cached decoding, where rows hold different lengths)."""
     S = x_BSHD.shape[1]
     x = x_BSHD.float().unflatten(-1, (-1, 2))
     x0, x1 = x[..., 0], x[..., 1]
-    cos = cos_SD2[:S, None, :]
-    sin = sin_SD2[:S, None, :]
+    if positions_BS is None:
+        cos = cos_SD2[:S, None, :]
+        sin = sin_SD2[:S, None, :]
+    else:
+        cos = cos_SD2[positions_BS][:, :, None, :]
+        sin = sin_SD2[positions_BS][:, :, None, :]
     out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
     return out.flatten(-2).to(x_BSHD.dtype)
 
