@@ -7,7 +7,7 @@
                              [--section.field=value ...]
 
 Prints parameters, gradients, AdamW state, autocast weight copies, activations with and without
-activation checkpointing, logits and the fp32 loss copy, and the peak for the config's
+activation checkpointing, the chunked loss's workspace, and the peak for the config's
 checkpointing policy; then whether it fits the GPU with 10% headroom (CUDA context, allocator
 fragmentation) and, when it does not, the changes that would make it fit. The GPU's memory comes
 from --gpu-mem-gb or from the hardware profile's name (GPU_MEMORY_MIB). Exit status: 0 fits,
@@ -150,7 +150,7 @@ def format_estimate(est: dict, title: str = "", budget: Optional[tuple[float, st
         ("FSDP gathered blocks", est["fsdp_gathered"], "unsharded for compute"),
         ("activations (no ckpt)", est["activations_none"], "saved for backward"),
         ("activations (full ckpt)", est["activations_full"], "block inputs + 1 block"),
-        ("logits + fp32 loss copy", est["logits"], "+ loss-backward grads"),
+        ("loss (chunked logits)", est["logits"], "1 chunk + head grads"),
     ]
     for name, b, note in rows:
         table.add_row(name, f"{b / GiB:.2f}", f"{b:,}", note)

@@ -126,7 +126,7 @@ def test_cli_on_rtx4060_profile_is_fast_and_gives_a_verdict():
     assert out.returncode == 0, out.stdout + out.stderr
     assert "fits:" in out.stdout and "rtx4060" in out.stdout
     for row in ("parameters", "gradients", "optimizer state", "activations (no ckpt)", "activations (full ckpt)",
-                "logits + fp32 loss copy", "peak, checkpointing full"):
+                "loss (chunked logits)", "peak, checkpointing full"):
         assert row in out.stdout
 
 

@@ -3,7 +3,7 @@
 `estimate_memory(cfg, world, ep)` returns bytes per category for one rank: fp32 parameters, fp32
 gradients, AdamW's two fp32 moments (the parameters are the fp32 master weights: under bf16/fp16
 autocast they stay fp32), the low-precision weight copies autocast makes, activations with and
-without activation checkpointing, the logits and the fp32 loss copy (the fused AdamW step needs no workspace).
+without activation checkpointing, and the chunked loss's workspace (the fused AdamW step needs no workspace).
 
 Activations are counted tensor by tensor from what autograd saves in dsmoe's own forward (read off
 dsmoe/model/*.py, and checked against `measure_saved_activation_bytes` in tests/test_estimate.py),
@@ -27,6 +27,8 @@ not from a rule of thumb such as 34·s·b·h. Facts the model encodes, all visib
   and scores are 2 bytes there.
 - Full checkpointing keeps only each block's fp32 input [B,S,d]; one block's activations are
   recomputed at a time in backward.
+- The loss (dsmoe/model/loss.py) keeps the head's input in the compute dtype, the targets and a fp32
+  [T] log-sum-exp, never [T,V] logits; its backward recomputes one chunk of logits at a time.
 """
 from __future__ import annotations
 
@@ -43,6 +45,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from dsmoe.config import Config
+from dsmoe.model.loss import chunk_tokens_for
 
 GiB = 2 ** 30
 BYTE_VOCAB_PADDED = 320  # the byte tokenizer's 257 symbols padded to a multiple of 64
@@ -174,17 +177,19 @@ def activation_ledger(cfg: Config, device: str = "cuda", ep: int = 1) -> dict:
     e_local = e.n_routed_experts // ep if e.n_routed_experts else 0
     expert_cast = 3 * e_local * d * e.expert_hidden * 2 if amp else 0
     expert_casts = [expert_cast if cfg.is_moe_layer(i) else 0 for i in range(m.n_layers)]
-    # embedding indices; final norm; output projection input; targets + nll total_weight
-    outer = T * 8 + _norm(T, d) + T * d * cb + T * 8 + 4
+    # embedding indices; final norm; the loss's head input, targets, fp32 log-sum-exp and token count
+    outer = T * 8 + _norm(T, d) + T * d * cb + T * 8 + T * 4 + 8
+    c = min(T, chunk_tokens_for(V))
+    # loss backward, one chunk at a time: fp32 logits (turned into their gradient in place) and its
+    # compute-dtype copy; the head weight's cast (under autocast), the fp32 gradient it sums into and
+    # each chunk's product; the head input's gradient
+    loss_work = c * V * (4 + cb) + V * d * ((2 if amp else 0) + 4 + cb) + T * d * cb
     return {
         "layers": layers,  # per block, without the weight casts
         "expert_casts": expert_casts,  # per block: autocast copies of the stacked experts
         "block_input": T * d * 4,  # what a checkpointed block keeps (fp32 residual stream)
         "outer": outer,
-        "logprobs": T * V * 4,  # fp32 log-softmax saved by the loss
-        "logits": T * V * cb,  # held by ModelOutput through backward
-        "loss_grad": 2 * T * V * 4,  # loss backward: grad of the log-probs and of the fp32 logits
-        "output_cast": V * d * 2 if amp else 0,  # cached bf16 copy of the output weight
+        "loss_work": loss_work,  # transient, at the start of backward
         "tokens": T,
     }
 
@@ -195,7 +200,7 @@ def predicted_saved_bytes(cfg: Config, device: str = "cpu", ep: int = 1) -> int:
     amp = compute_bytes(cfg, device) == 2
     # a non-checkpointed block also saves autocast's (cached) casts of its linear weights
     casts = [2 * n if amp else 0 for n in param_stats(cfg, ep)["layer_cast_numel"]]
-    total = led["outer"] + led["logprobs"] + led["output_cast"]
+    total = led["outer"]
     for i, ckpt in enumerate(checkpointed_layers(cfg)):
         total += led["block_input"] if ckpt else led["layers"][i] + led["expert_casts"][i] + casts[i]
     return total
@@ -237,9 +242,10 @@ def _param_stats(model_yaml: str, vocab: int, ep: int) -> dict:
         "param_bytes": sum(p.numel() * p.element_size() for p in params),  # fp32: the master weights
         "grad_bytes": sum(p.numel() * p.element_size() for p in trainable),  # grads match the params' dtype
         "optim_bytes": 2 * sum(p.numel() * 4 for p in trainable),  # exp_avg + exp_avg_sq, fp32
-        # weights autocast casts once and caches: the blocks' nn.Linear and router weights, the output's
+        # weights autocast casts once and caches: the blocks' nn.Linear and router weights (the loss
+        # casts the head's weight itself, per call)
         "layer_cast_numel": layer_casts,
-        "cast_numel": model.output.weight.numel() + sum(layer_casts),
+        "cast_numel": sum(layer_casts),
     }
 
 
@@ -276,7 +282,7 @@ def estimate_memory(cfg: Config, world: Optional[int] = None, ep: Optional[int] 
     if redo:
         act_policy += max(led["layers"][i] for i in redo)
         casts += max(led["expert_casts"][i] for i in redo)
-    logits = led["logits"] + led["logprobs"] + led["loss_grad"]
+    logits = led["loss_work"]
     param_bytes, grad_bytes, optim_bytes = st["param_bytes"], st["grad_bytes"], st["optim_bytes"]
     gathered = 0
     if cfg.parallel.dp == "fsdp" and world > 1:

@@ -7,11 +7,11 @@ from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from dsmoe.config import Config
 from dsmoe.model.attention import RMSNorm, RotaryCache, build_attention
 from dsmoe.model.dispatch import Dispatcher
+from dsmoe.model.loss import chunked_cross_entropy
 from dsmoe.model.moe import MoE, SwiGLU, run_here
 
 
@@ -46,7 +46,7 @@ class Block(nn.Module):
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor
+    logits: Optional[torch.Tensor]  # [B, S, V]; None when targets were given (the loss is chunked)
     loss: Optional[torch.Tensor]  # cross-entropy + balance losses (what backward sees)
     ce_loss: Optional[torch.Tensor]  # cross-entropy alone (what is logged)
     aux_loss: torch.Tensor
@@ -111,11 +111,12 @@ class Transformer(nn.Module):
                 aux = aux + block_aux
                 counts.append(block_counts.detach())
                 dropped.append(block_dropped.detach())
-        logits = self.output(self.norm(x))
-        loss = ce = None
-        if targets_BS is not None:
-            # loss in fp32: bf16/fp16 logits lose the small probabilities
-            ce = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets_BS.reshape(-1))
+        h = self.norm(x)
+        logits = loss = ce = None
+        if targets_BS is None:
+            logits = self.output(h)
+        else:  # chunked: the [tokens, vocab] logits are never kept (softmax in fp32, see loss.py)
+            ce = chunked_cross_entropy(h.flatten(0, 1), self.output.weight, targets_BS.reshape(-1))
             loss = ce + aux
         return ModelOutput(logits, loss, ce, aux,
                            torch.stack(counts) if counts else None,
