@@ -153,12 +153,8 @@ def build(shape: dict, impl: str, device: torch.device) -> torch.nn.Module:
 
 def grouped_backend(model: MoE, x: torch.Tensor, dtype: torch.dtype) -> str:
     """What the "grouped" impl really ran: grouped_mm, or the loop it falls back to."""
-    experts = model.experts
-    probe = x.new_empty(0, x.shape[-1], dtype=dtype)
-    ok = getattr(experts, "_grouped_ok", None)
-    if ok is None:
-        return "unknown"
-    return "grouped_mm" if ok(probe) else "loop fallback (no usable grouped_mm)"
+    reason = model.experts.fallback_reason(x.new_empty(0, x.shape[-1], dtype=dtype))
+    return "grouped_mm" if reason is None else f"loop fallback ({reason})"
 
 
 def make_step(model: torch.nn.Module, x: torch.Tensor, g: torch.Tensor, autocast_dtype):
@@ -231,8 +227,8 @@ def bench_shape(name: str, shape: dict, args, device: torch.device) -> list[dict
         if device.type == "cuda":
             row["step_peak_extra_mb"] = round(peak_mb[impl], 1)
         if impl == "grouped" and row["grouped_backend"] == "grouped_mm" and \
-                (device.type, compute_dtype) in getattr(moe_mod, "_grouped_mm_broken", set()):
-            row["grouped_backend"] = "loop (grouped_mm raised)"  # it fell back to the loop mid-run
+                (device.type, compute_dtype) in moe_mod._no_kernel:
+            row["grouped_backend"] = "loop (grouped_mm not implemented)"  # it fell back to the loop mid-run
         row["ratio_vs_dense"] = row["median_ms"] / rows["dense"]["median_ms"]
     rows["grouped"]["speedup_vs_loop"] = rows["loop"]["median_ms"] / rows["grouped"]["median_ms"]
     return list(rows.values())

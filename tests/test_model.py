@@ -215,6 +215,50 @@ def test_grouped_experts_equal_loop_in_output_and_every_gradient(capacity):
     assert grouped.router.weight.grad.abs().sum() > 0
 
 
+def _experts_and_rows(dtype=torch.float32):
+    from dsmoe.model.moe import GroupedExperts
+
+    ex = GroupedExperts(4, 16, 16).to(dtype)
+    for w in ex.parameters():
+        torch.nn.init.normal_(w, 0, 0.2)
+    return ex, torch.randn(12, 16, dtype=dtype), torch.tensor([3, 0, 5, 2])  # 2 padding rows
+
+
+def test_grouped_gemm_out_of_memory_propagates(monkeypatch):
+    from dsmoe.model import moe as moe_mod
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(moe_mod, "_GROUPED_MM", out_of_memory)
+    monkeypatch.setattr(moe_mod, "_warned", set())
+    ex, x, counts = _experts_and_rows()
+    with pytest.raises(torch.OutOfMemoryError):
+        ex(x, counts)
+    assert not moe_mod._warned and not moe_mod._no_kernel  # no silent switch to the loop
+
+
+@pytest.mark.parametrize("why", ["dtype", "no_kernel"])
+def test_a_fallback_to_the_loop_warns_once_with_its_reason_and_equals_the_loop(why, monkeypatch):
+    from dsmoe.model import moe as moe_mod
+
+    monkeypatch.setattr(moe_mod, "_warned", set())
+    monkeypatch.setattr(moe_mod, "_no_kernel", {})
+    if why == "no_kernel":
+        def not_implemented(*args, **kwargs):
+            raise NotImplementedError("Could not run 'aten::_grouped_mm' with arguments from the 'XLA' backend")
+        monkeypatch.setattr(moe_mod, "_GROUPED_MM", not_implemented)
+    ex, x, counts = _experts_and_rows(torch.float64 if why == "dtype" else torch.float32)  # fp64: no grouped_mm
+    with pytest.warns(RuntimeWarning) as record:
+        outs = [ex(x, counts) for _ in range(3)]
+    loop = ex._loop(x, counts, ex.w_gate, ex.w_up, ex.w_down)
+    msgs = [str(w.message) for w in record if "per-expert loop" in str(w.message)]
+    assert len(msgs) == 1, msgs
+    assert ("torch.float64" in msgs[0]) if why == "dtype" else ("not implemented" in msgs[0])
+    for out in outs:
+        torch.testing.assert_close(out[:10], loop[:10], rtol=0, atol=0)
+
+
 def test_moe_equals_dense_per_token_reference():
     """The sorted dispatch + combine equals computing each token's experts directly."""
     cfg = moe_cfg(top_k=3)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -117,13 +118,33 @@ def update_expert_bias(router: Router, counts_E: torch.Tensor, rate: float) -> N
 
 
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-_grouped_mm_broken: set = set()  # (device type, dtype) where grouped_mm raised: use the loop there
+# aten's _grouped_mm_validate_inputs accepts these; on CUDA bf16 on sm90/sm100 runs a CUTLASS grouped
+# kernel, every other case (fp16 and fp32, or older GPUs such as the T4) aten's per-group loop
+GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_warned: set = set()  # fallback reasons already warned about (once per process each)
+_no_kernel: dict = {}  # (device type, dtype) -> the NotImplementedError grouped_mm raised there
+
+
+def _warn_once(reason: str) -> None:
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"GroupedExperts runs the per-expert loop: {reason}", RuntimeWarning, stacklevel=3)
 
 
 class GroupedExperts(nn.Module):
     """E SwiGLU experts with stacked weights w_gate/w_up [E, d, f] and w_down [E, f, d].
 
-    Under expert parallelism this holds experts [first, first + E) of `n_total` (its EP rank's slice)."""
+    Under expert parallelism this holds experts [first, first + E) of `n_total` (its EP rank's slice).
+
+    impl "grouped" computes each projection as one `grouped_mm` over all experts, for every dtype
+    torch's grouped GEMM takes (GROUPED_MM_DTYPES) on every device. On CUDA only bf16 on sm90/sm100
+    gets a grouped kernel; elsewhere aten runs its own loop of per-expert GEMMs, copying the offsets to
+    the host once per call. The T4 (sm_75, fp16) takes that path on purpose: the same GEMMs as our
+    loop, written in place, and no graph break under torch.compile, for one small host copy per GEMM
+    (`moe.expert_impl=loop` has one per layer instead). The loop runs, with a warning naming the reason
+    once per process, only where grouped_mm cannot: no grouped_mm in this torch, a dtype it does not
+    take, rows that are not 16-byte aligned, or no kernel for the device (NotImplementedError). Any
+    other error, an out-of-memory error included, propagates."""
 
     def __init__(self, n_experts: int, d_model: int, hidden: int, impl: str = "grouped",
                  n_total: int | None = None, first: int = 0):
@@ -135,22 +156,33 @@ class GroupedExperts(nn.Module):
         self.w_down = nn.Parameter(torch.empty(n_experts, hidden, d_model))
 
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """x_ND: [N, d] rows grouped by expert (counts_E [E] rows each, then padding); returns [N, d]."""
         dtype = torch.get_autocast_dtype(x_ND.device.type) if torch.is_autocast_enabled(x_ND.device.type) else x_ND.dtype
         x_ND = x_ND.to(dtype)
         w_gate, w_up, w_down = (w.to(dtype) for w in (self.w_gate, self.w_up, self.w_down))
-        if self.impl == "grouped" and self._grouped_ok(x_ND):
-            try:
-                return self._grouped(x_ND, counts_E, w_gate, w_up, w_down)
-            except (RuntimeError, NotImplementedError):
-                _grouped_mm_broken.add((x_ND.device.type, dtype))
+        if self.impl == "grouped":
+            reason = self.fallback_reason(x_ND)
+            if reason is None:
+                try:
+                    return self._grouped(x_ND, counts_E, w_gate, w_up, w_down)
+                except NotImplementedError as e:  # no kernel for this device: everything else propagates
+                    _no_kernel[(x_ND.device.type, dtype)] = reason = f"grouped_mm is not implemented here ({e})"
+            _warn_once(reason)
         return self._loop(x_ND, counts_E, w_gate, w_up, w_down)
 
-    def _grouped_ok(self, x_ND: torch.Tensor) -> bool:
-        # grouped_mm needs 16-byte aligned rows
+    def fallback_reason(self, x_ND: torch.Tensor) -> str | None:
+        """Why rows like `x_ND` (in their compute dtype) cannot take grouped_mm; None when they can."""
+        dev, dtype = x_ND.device.type, x_ND.dtype
+        if _GROUPED_MM is None:
+            return f"torch {torch.__version__} has no grouped_mm (torch >= 2.8 has)"
+        if dtype not in GROUPED_MM_DTYPES:
+            return f"grouped_mm takes fp32, bf16 and fp16, not {dtype} (on {dev})"
         row_elems = 16 // x_ND.element_size()
         d, f = self.w_gate.shape[1:]
-        return (_GROUPED_MM is not None and d % row_elems == 0 and f % row_elems == 0
-                and (x_ND.device.type, x_ND.dtype) not in _grouped_mm_broken)
+        if d % row_elems or f % row_elems:
+            return (f"grouped_mm needs 16-byte aligned rows: d_model {d} and expert_hidden {f} must be multiples "
+                    f"of {row_elems} in {dtype}")
+        return _no_kernel.get((dev, dtype))
 
     @staticmethod
     def _grouped(x_ND, counts_E, w_gate, w_up, w_down):
