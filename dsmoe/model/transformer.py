@@ -129,22 +129,18 @@ class Transformer(nn.Module):
     def generate(self, idx_BS: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int = 0, generator: Optional[torch.Generator] = None,
                  vocab_limit: Optional[int] = None) -> torch.Tensor:
-        """Sample a continuation (full recompute per token: simple, and fine at sample sizes).
+        """[B, S + max_new_tokens]: `idx_BS` and a sampled continuation (temperature <= 0: greedy), decoded
+        with the KV cache of dsmoe.infer. A prompt longer than max_seq_len - max_new_tokens keeps its last
+        tokens. `vocab_limit`: the tokenizer's real vocabulary; padding ids beyond it are never sampled.
+        Raises ValueError when max_new_tokens >= max_seq_len."""
+        from dsmoe.infer.engine import generate_ids  # lazy: dsmoe.infer builds on this module
 
-        `vocab_limit`: the tokenizer's real vocabulary; padding ids beyond it are never sampled."""
-        for _ in range(max_new_tokens):
-            window = idx_BS[:, -self.cfg.model.max_seq_len:]
-            logits = self(window).logits[:, -1, :vocab_limit].float()
-            if temperature <= 0:
-                nxt = logits.argmax(-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k:
-                    kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)
-            idx_BS = torch.cat([idx_BS, nxt], dim=1)
-        return idx_BS
+        room = self.cfg.model.max_seq_len - max_new_tokens
+        if room < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in "
+                             f"model.max_seq_len={self.cfg.model.max_seq_len}")
+        out = generate_ids(self, idx_BS[:, -room:], max_new_tokens, max(temperature, 0.0), top_k, generator, vocab_limit)
+        return torch.cat([idx_BS, out[:, -max_new_tokens:]], dim=1)
 
 
 def _init_expert_slice(w: torch.Tensor, std: float, first: int, n_total: int) -> None:
