@@ -62,7 +62,7 @@ def worker(rank: int, world: int, port: int, preset: str, dp: str, run_dir: str,
     trainer = Trainer(cfg)
     try:
         trainer.train_step()
-        x, y = trainer._batch(trainer.batches_consumed)
+        x, y = trainer.batch_at(trainer.progress.samples)
         trainer.wrapped(x, y).loss.backward()
         params = list(trainer.model.parameters())
         row = {"params": storage_bytes(local(p.detach()) for p in params),

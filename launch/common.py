@@ -1,8 +1,14 @@
-"""Argument handling shared by the launchers: --config, --resume, --dry-run, --section.field=value."""
+"""What the training launchers share: arguments, threads, clean errors, stops and the end-of-run summary.
+
+Exit codes: 0 done; 2 a config, checkpoint or run-directory error (nothing written); 3 the guard aborted
+or out of memory; 75 stopped on request (SIGINT/SIGTERM/SIGUSR1) with a checkpoint: rerun with
+--resume auto; 130 a second Ctrl-C (out at once).
+"""
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -10,15 +16,28 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as `python launch/x.py` from a checkout
     sys.path.insert(0, str(REPO))
 
-from dsmoe.config import CONFIG_ROOT, ConfigError, help_text, load_config  # noqa: E402
+from dsmoe.config import CONFIG_ROOT, ConfigError, help_text, load_config, load_yaml_tree  # noqa: E402
 
 DEFAULT_CONFIG = CONFIG_ROOT / "runs" / "tiny-shakespeare.yaml"
+RANK = int(os.environ.get("RANK", "0"))
+WORLD = int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def say_error(text: str, agreed: bool = True) -> None:
+    """One clean message: rank 0's for errors every rank meets alike, else each failing rank's, prefixed."""
+    if agreed and RANK != 0:
+        return
+    prefix = f"[rank {RANK}] " if WORLD > 1 and not agreed else ""
+    print(f"{prefix}error: {text}", file=sys.stderr, flush=True)
 
 
 def parse_args(argv: list[str], description: str):
     parser = argparse.ArgumentParser(description=description, add_help=False,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="any config field: --section.field=value (--help-config lists them)")
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="run / preset / hardware YAML file")
+    parser.add_argument("--config", default=None,
+                        help=f"run / preset / hardware YAML file (default {DEFAULT_CONFIG.relative_to(REPO)}; "
+                             f"with --resume PATH: the checkpoint's own config)")
     parser.add_argument("--resume", default=None, help="checkpoint path, or 'auto' for the newest in run.dir")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and exit without training")
     parser.add_argument("-h", "--help", action="store_true")
@@ -27,51 +46,136 @@ def parse_args(argv: list[str], description: str):
     if args.help:
         parser.print_help()
         sys.exit(0)
-    if args.help_config:
-        print(help_text())
-        sys.exit(0)
     try:
-        cfg = load_config(args.config, rest)
+        if args.help_config:
+            path = args.config or DEFAULT_CONFIG
+            print(help_text(load_yaml_tree(path), str(path)) if args.config else help_text())
+            sys.exit(0)
+        return args, resolve_config(args, rest)
     except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
+        say_error(f"config: {e}")
         sys.exit(2)
-    return args, cfg
 
 
-def set_cpu_threads() -> None:
-    """Share the cores between the processes torchrun started on this machine."""
+def resolve_config(args, overrides: list[str]):
+    """--config FILE + overrides; or, resuming a checkpoint without --config, the checkpoint's own
+    config + overrides (so `--resume ckpt.pt` continues that run, not the default one)."""
+    from dsmoe.config import config_from_tree
+    from dsmoe.train.checkpoint import CheckpointError
+    from dsmoe.train.state import checkpoint_config
+
+    if args.config is not None or args.resume in (None, "", "none", "auto"):
+        return load_config(args.config or DEFAULT_CONFIG, overrides)
+    try:
+        stored = checkpoint_config(args.resume)
+    except CheckpointError as e:
+        raise ConfigError(str(e)) from None
+    return config_from_tree(stored, overrides)
+
+
+def set_cpu_threads(requested: int = 0) -> int:
+    """Intra-op threads: train.threads, else OMP_NUM_THREADS, else this machine's cores shared by the
+    processes torchrun started on it (oversubscribed cores make each step many times slower)."""
     import torch
 
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    if local_world > 1 and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if requested > 0:
+        torch.set_num_threads(requested)
+    elif "OMP_NUM_THREADS" not in os.environ:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    return torch.get_num_threads()
+
+
+def resume_command(argv: list[str]) -> str:
+    """This launch again with --resume auto (torchrun's own flags as the usual single-node form)."""
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--resume":
+            skip = True
+        elif not a.startswith("--resume="):
+            rest.append(a)
+    script = os.path.relpath(sys.argv[0])
+    if WORLD > 1:
+        nodes = int(os.environ.get("GROUP_WORLD_SIZE", "1"))
+        launcher = (f"torchrun --nproc_per_node {os.environ.get('LOCAL_WORLD_SIZE', WORLD)} "
+                    + ("--standalone " if nodes == 1 else f"--nnodes {nodes} ... "))
+    else:
+        launcher = "python "
+    return launcher + " ".join([script, *map(shlex.quote, rest), "--resume", "auto"])
+
+
+def summary(trainer, result: dict, argv: list[str]) -> list[str]:
+    """The end-of-run lines: time, tokens, rate, losses, the checkpoint, and what to run next."""
+    from dsmoe.metrics.logger import fmt_tokens
+
+    rows = result["history"]
+    train = [r["loss"] for r in rows if "loss" in r]
+    val = [r["val_loss"] for r in rows if "val_loss" in r]
+    seconds = result["seconds"]
+    lines = [f"{'stopped' if result['stopped'] else 'done'} at step {result['step']}: {seconds:.0f} s, "
+             f"{fmt_tokens(result['tokens'])} tokens, {fmt_tokens(result['tokens'] / max(seconds, 1e-9))} tokens/s"
+             + (f", final train loss {train[-1]:.4f}" if train else "")
+             + (f", best validation loss {min(val):.4f}" if val else "")]
+    ckpt = result["checkpoint"]
+    lines.append(f"latest checkpoint: {ckpt}" if ckpt else "no checkpoint written (checkpoint.save_final is off)")
+    run_dir = trainer.run_dir
+    if ckpt:
+        lines.append(f"  resume:   {resume_command(argv)}")
+        lines.append(f"  generate: python launch/generate.py --ckpt auto --run-dir {run_dir} --prompt \"...\"")
+    lines.append(f"  plot:     python -m dsmoe.plot {run_dir}")
+    return lines
+
+
+def warn_restart_store() -> None:
+    """Under torchrun --max-restarts, workers that share the rendezvous store can read the previous
+    attempt's addresses (pytorch/pytorch#135712): gloo's connect is refused, or hangs."""
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    if restarts > 0 and os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") != "1" and RANK == 0:
+        print(f"warning: torchrun --max-restarts {restarts} with a shared rendezvous store: a restarted attempt can "
+              f"connect to the previous one's addresses and fail or hang. Launch with "
+              f"TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun ... (the launch/*.sh scripts do)",
+              file=sys.stderr, flush=True)
 
 
 def run_training(argv: list[str], description: str) -> int:
-    """Build the trainer from the command line and train; clear errors exit with status 2."""
+    """Build the trainer from the command line and train; see the module docstring for exit codes."""
     from dsmoe.parallel.mesh import shutdown
     from dsmoe.train.checkpoint import CheckpointError
     from dsmoe.train.guard import TrainingAborted
-    from dsmoe.train.trainer import Trainer
+    from dsmoe.train.signals import EXIT_INTERRUPTED, EXIT_STOPPED
 
     args, cfg = parse_args(argv, description)
-    set_cpu_threads()
+    set_cpu_threads(cfg.train.threads)
+    warn_restart_store()
     trainer = None
     try:
         if args.dry_run:
             from dsmoe.train.plan import print_plan
 
-            print_plan(cfg, world=int(os.environ.get("WORLD_SIZE", "1")), config_path=args.config)
+            print_plan(cfg, world=WORLD, config_path=args.config)
             return 0
+        from dsmoe.train.trainer import Trainer
+
         trainer = Trainer(cfg, resume=args.resume)
-        trainer.fit()
+        result = trainer.fit()
+        if RANK == 0:
+            for line in summary(trainer, result, argv):
+                print(line, flush=True)
+        return EXIT_STOPPED if result["stopped"] else 0
     except (ConfigError, CheckpointError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        say_error(str(e))
         return 2
-    except (TrainingAborted, MemoryError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except TrainingAborted as e:
+        say_error(str(e))
         return 3
+    except MemoryError as e:
+        say_error(str(e), agreed=False)
+        return 3
+    except KeyboardInterrupt:
+        say_error("interrupted before training started: nothing to save", agreed=False)
+        return EXIT_INTERRUPTED
     finally:
         if trainer is not None:
             shutdown(trainer.mesh)
-    return 0

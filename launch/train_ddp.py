@@ -21,9 +21,13 @@ Paste the command for your machine:
 Every flag of launch/train.py works here: --config, --resume PATH|auto, --dry-run, --section.field=value.
 Rank 0 logs and writes checkpoints; other ranks print warnings and errors only.
 """
+import os
 import sys
 
 from common import run_training
 
 if __name__ == "__main__":
+    if "WORLD_SIZE" not in os.environ and not {"-h", "--help", "--help-config"} & set(sys.argv):
+        print("note: not started by torchrun: training in this one process (see the commands above for more)",
+              file=sys.stderr)
     sys.exit(run_training(sys.argv[1:], __doc__))

@@ -277,7 +277,6 @@ def test_token_batches_cover_each_epoch_once():
     for epoch in range(2):
         starts = torch.cat([loader.batch(epoch * 3 + i)[0][:, 0] for i in range(3)])
         assert sorted(starts.tolist()) == list(range(0, 12 * SEQ, SEQ))
-        assert loader.epoch_of(epoch * 3 + 2) == epoch
     order = [loader.batch(i)[0][:, 0].tolist() for i in range(6)]
     assert order[:3] != order[3:]  # each epoch draws its own order
 
@@ -295,15 +294,30 @@ def test_token_batches_world_union_equals_single_rank(world):
         assert torch.equal(torch.cat([p[1] for p in parts]), y)
 
 
-def test_token_batches_errors_and_state():
+def test_token_batches_errors():
     with pytest.raises(ValueError, match="fewer than one window"):
         TokenBatches(_ramp(SEQ), SEQ, 1)
     with pytest.raises(ValueError, match="rank must be in"):
         TokenBatches(_ramp(100), SEQ, 1, rank=2, world=2)
-    loader = TokenBatches(_ramp(100), SEQ, 2, seed=5)
-    loader.load_state_dict(loader.state_dict())
-    with pytest.warns(UserWarning, match="seed 4 -> 5"):
-        loader.load_state_dict({**loader.state_dict(), "seed": 4})
+    with pytest.raises(ValueError, match="sample position"):
+        TokenBatches(_ramp(100), SEQ, 1).rows(-1)
+
+
+@pytest.mark.parametrize("layouts", [((1, 4, 2), (2, 2, 2)), ((2, 2, 2), (1, 8, 1)), ((4, 1, 3), (2, 3, 1))])
+def test_sample_positions_are_layout_free(layouts):
+    """A step reads samples [p, p + world*micro*accum): every layout reads the same windows per step."""
+    tokens = _ramp(29 * SEQ + 1)
+
+    def step_windows(world, micro, accum, p):
+        loaders = [TokenBatches(tokens, SEQ, micro, rank=r, world=world, seed=2) for r in range(world)]
+        rows = [loaders[r].rows(p + i * world * micro)[0][:, 0] for i in range(accum) for r in range(world)]
+        return sorted(torch.cat(rows).tolist())
+
+    (w1, m1, a1), (w2, m2, a2) = layouts
+    assert w1 * m1 * a1 == w2 * m2 * a2
+    per_step = w1 * m1 * a1
+    for step in range(5):  # crosses epoch boundaries (29 windows per epoch)
+        assert step_windows(w1, m1, a1, step * per_step) == step_windows(w2, m2, a2, step * per_step)
 
 
 def _documents(n):

@@ -25,10 +25,10 @@ def run_jobs(rank, world, cache, jobs):
             continue
         trainer = Trainer(small_config(run_dir, cache, *overrides))
         result = trainer.fit()
-        state = trainer.checkpoint_state()  # every rank takes part; rank 0's holds the whole model
+        state = trainer.checkpoints.full_state()  # every rank takes part; rank 0's holds the whole model
         out[name] = {"losses": [r["loss"] for r in result["history"] if "loss" in r],
-                     "rollbacks": trainer.guard.rollbacks if trainer.guard is not None else None,
-                     "step": trainer.step, "lr_scale": trainer.lr_scale,
+                     "rollbacks": trainer.guard.rollbacks,
+                     "step": trainer.progress.step, "lr_scale": trainer.progress.lr_scale,
                      "model": state["model"] if rank == 0 else None,
                      "optimizer": state["optimizer"]["state"] if rank == 0 else None}
     return out
@@ -44,9 +44,9 @@ def layouts(world):
         jobs["fsdp-fp16"] = base + ["--train.precision=fp16", "--parallel.dp=fsdp"]
         jobs["error-offload"] = base + ["--parallel.dp=fsdp", "--parallel.cpu_offload=true"]
         jobs["rollback-fsdp"] = base + ["--parallel.dp=fsdp", "--guard.policy=rollback", "--guard.rollback_after=1",
-                                        "--guard.inject_nan_step=4", "--guard.inject_nan_rank=1", "--checkpoint.every=2"]
+                                        "--faults.nan_step=4", "--faults.nan_rank=1", "--checkpoint.every=2"]
         jobs["rollback-ep2"] = base + ["--parallel.ep=2", "--guard.policy=rollback", "--guard.rollback_after=1",
-                                       "--guard.inject_nan_step=4", "--guard.inject_nan_rank=1", "--checkpoint.every=2"]
+                                       "--faults.nan_step=4", "--faults.nan_rank=1", "--checkpoint.every=2"]
     if world == 4:
         jobs["hsdp"] = base + ["--parallel.dp=fsdp", "--parallel.replicate=2"]
         jobs["hsdp-ep2"] = base + ["--parallel.dp=fsdp", "--parallel.replicate=2", "--parallel.ep=2"]

@@ -16,16 +16,17 @@ from dsmoe.train.trainer import Trainer
 
 def skip_worker(rank, world, run_dir, cache):
     """NaN on rank 1 only at step 3: every rank drops the same step and keeps its parameters."""
-    t = Trainer(small_config(run_dir, cache, "--guard.inject_nan_step=3", "--guard.inject_nan_rank=1",
-                             "--guard.inject_nan_module=layers.1.ffn"))
+    t = Trainer(small_config(run_dir, cache, "--faults.nan_step=3", "--faults.nan_rank=1",
+                             "--faults.nan_module=layers.1.ffn"))
     t.train_step()
     t.train_step()
     before = {k: v.clone() for k, v in t.model.state_dict().items()}
-    sched, consumed = t.sched_step, t.batches_consumed
+    sched, consumed = t.progress.sched_step, t.progress.samples
     t.train_step()
     unchanged = all(torch.equal(before[k], v) for k, v in t.model.state_dict().items())
-    skipped = {"unchanged": unchanged, "sched_step": (sched, t.sched_step), "consumed": t.batches_consumed - consumed,
-               "events": [{k: e[k] for k in ("step", "what", "ranks")} for e in t.events]}
+    skipped = {"unchanged": unchanged, "sched_step": (sched, t.progress.sched_step),
+               "consumed": t.progress.samples - consumed,
+               "events": [{k: e[k] for k in ("step", "what", "ranks")} for e in t.policy.events]}
     t.train_step()
     skipped["moved_after"] = not all(torch.equal(before[k], v) for k, v in t.model.state_dict().items())
     return skipped
@@ -35,7 +36,7 @@ def test_nan_on_one_rank_skips_the_same_step_everywhere(tmp_path, data_cache):
     results = run_workers(skip_worker, 2, (tmp_path, data_cache))
     for r in results:
         assert r["unchanged"] and r["moved_after"]
-        assert r["sched_step"] == (2, 2) and r["consumed"] == 2  # the batch is consumed, the schedule waits
+        assert r["sched_step"] == (2, 2) and r["consumed"] == 2 * 2 * 4  # the samples are consumed, the schedule waits
         assert r["events"] == [{"step": 3, "what": ["loss", "grad_norm"], "ranks": [1]}]
     report = json.loads((tmp_path / "nan_report_rank1.json").read_text())
     assert report["module"] == "layers.1.ffn" and report["phase"] == "forward" and report["step"] == 3
@@ -44,12 +45,12 @@ def test_nan_on_one_rank_skips_the_same_step_everywhere(tmp_path, data_cache):
 
 def test_rollback_restores_lowers_lr_and_moves_past_the_bad_data(tmp_path, data_cache):
     cfg = small_config(tmp_path, data_cache, "--guard.policy=rollback", "--guard.rollback_after=1",
-                       "--guard.inject_nan_step=4", "--checkpoint.every=2", "--train.steps=6")
+                       "--faults.nan_step=4", "--checkpoint.every=2", "--train.steps=6")
     t = Trainer(cfg)
     t.fit()
-    assert [e["step"] for e in t.events] == [4]
-    assert t.guard.rollbacks == 1 and t.lr_scale == 0.5
-    assert t.step == 6 and t.batches_consumed == 2 * (6 + 2)  # steps 3-4 ran twice, on new data the second time
+    assert [e["step"] for e in t.policy.events] == [4]
+    assert t.guard.rollbacks == 1 and t.progress.lr_scale == 0.5
+    assert t.progress.step == 6 and t.progress.samples == 4 * 2 * (6 + 2)  # steps 3-4 ran twice, on new data the second time
     for p in t.model.parameters():
         assert torch.isfinite(p).all()
     state = load_checkpoint(latest_checkpoint(tmp_path))
@@ -57,7 +58,7 @@ def test_rollback_restores_lowers_lr_and_moves_past_the_bad_data(tmp_path, data_
 
 
 def test_abort_writes_nothing_from_the_bad_state(tmp_path, data_cache):
-    cfg = small_config(tmp_path, data_cache, "--guard.policy=abort", "--guard.inject_nan_step=3",
+    cfg = small_config(tmp_path, data_cache, "--guard.policy=abort", "--faults.nan_step=3",
                        "--checkpoint.every=2")
     t = Trainer(cfg)
     with pytest.raises(TrainingAborted, match="step 3: loss, grad_norm"):
@@ -67,11 +68,11 @@ def test_abort_writes_nothing_from_the_bad_state(tmp_path, data_cache):
 
 def test_loss_spike_is_caught_and_skipped(tmp_path, data_cache):
     cfg = small_config(tmp_path, data_cache, "--guard.spike_zscore=6", "--guard.spike_window=3",
-                       "--guard.inject_spike_step=5", "--train.steps=6", "--train.lr=0.0003")
+                       "--faults.spike_step=5", "--train.steps=6", "--train.lr=0.0003")
     t = Trainer(cfg)
     t.fit()
-    assert [(e["step"], e["what"]) for e in t.events] == [(5, ["spike"])]
-    assert t.sched_step == 5
+    assert [(e["step"], e["what"]) for e in t.policy.events] == [(5, ["spike"])]
+    assert t.progress.sched_step == 5
 
 
 def losses_by_step(run_dir):
@@ -104,7 +105,7 @@ def test_killed_rank_loses_nothing_the_rerun_resumes_to_the_same_losses(tmp_path
     hangs now and then, which would make this test flaky without testing dsmoe.)"""
     ref = torchrun(tmp_path / "ref", data_cache, "--checkpoint.every=2")
     assert ref.returncode == 0, ref.stdout + ref.stderr
-    kill_args = ("--checkpoint.every=2", "--guard.inject_kill_step=4", "--guard.inject_kill_rank=1")
+    kill_args = ("--checkpoint.every=2", "--faults.kill_step=4", "--faults.kill_rank=1")
     killed = torchrun(tmp_path / "killed", data_cache, *kill_args)
     assert killed.returncode != 0
     assert (tmp_path / "killed" / ".injected-kill-step4-rank1").exists()  # the kill did happen
@@ -118,7 +119,7 @@ def test_killed_rank_loses_nothing_the_rerun_resumes_to_the_same_losses(tmp_path
 def test_kill_during_checkpoint_write_loses_nothing(tmp_path, data_cache):
     run = tmp_path / "run"
     cmd = [sys.executable, str(REPO / "launch" / "train.py"), *small_args(run, data_cache), "--checkpoint.every=2"]
-    died = subprocess.run(cmd + ["--guard.inject_kill_in_save=4"], capture_output=True, text=True, timeout=300)
+    died = subprocess.run(cmd + ["--faults.kill_in_save=4"], capture_output=True, text=True, timeout=300)
     assert died.returncode != 0
     assert [p.name for p in list_checkpoints(run)] == ["step_0000002.pt"]
     assert any(p.name.startswith(".step_0000004.pt.tmp") for p in (run / "checkpoints").iterdir())
@@ -130,8 +131,8 @@ def test_kill_during_checkpoint_write_loses_nothing(tmp_path, data_cache):
 
 
 def hang_worker(rank, world, run_dir, cache):
-    Trainer(small_config(run_dir, cache, "--parallel.step_timeout_s=4", "--guard.inject_hang_step=3",
-                         "--guard.inject_hang_rank=1", "--train.steps=4")).fit()
+    Trainer(small_config(run_dir, cache, "--parallel.step_timeout_s=4", "--faults.hang_step=3",
+                         "--faults.hang_rank=1", "--train.steps=4")).fit()
 
 
 def test_a_hung_rank_gets_an_error_naming_the_step_and_the_rank(tmp_path, data_cache):

@@ -25,8 +25,15 @@ def test_guard_flags_nonfinite_and_spikes_single_process():
     assert not ok.bad
     bad = g.check(torch.tensor(float("nan")), torch.tensor(1.0), None)
     assert bad.bad and bad.what == ["loss"] and bad.ranks == [0]
-    bad = g.check(torch.tensor(2.0), torch.tensor(float("inf")), torch.tensor(False))
-    assert bad.what == ["grad_norm", "params"] and bad.ranks == []
+    bad = g.check(torch.tensor(2.0), torch.tensor(float("inf")))
+    assert bad.what == ["grad_norm"] and bad.ranks == [] and not bad.overflow
+    # fp16: an inf gradient with GradScaler's flag set is an overflow (skipped), not a guard event
+    other = Guard(GuardConfig())
+    overflow = other.check(torch.tensor(2.0), torch.tensor(float("inf")), found_inf=torch.tensor(1.0))
+    assert not overflow.bad and overflow.overflow
+    counts, dropped = torch.tensor([[3.0, 1.0], [2.0, 2.0]]), torch.tensor([0.0, 1.0])
+    carried = other.check(torch.tensor(2.0), torch.tensor(1.0), stop=True, counts=counts, dropped=dropped)
+    assert carried.stop and torch.equal(carried.counts, counts) and torch.equal(carried.dropped, dropped)
     for x in (2.0, 2.1, 1.9):
         assert not g.check(torch.tensor(x), torch.tensor(1.0), None).bad
     spike = g.check(torch.tensor(9.0), torch.tensor(1.0), None)
@@ -41,9 +48,9 @@ def test_rollback_threshold_counts_within_the_window():
 
 
 def test_localisation_names_the_injected_module(tmp_path, data_cache):
-    cfg = small_config(tmp_path, data_cache, "--guard.inject_nan_step=1", "--guard.inject_nan_module=layers.1.ffn.experts")
+    cfg = small_config(tmp_path, data_cache, "--faults.nan_step=1", "--faults.nan_module=layers.1.ffn.experts")
     model = Transformer(cfg, 320)
-    inj = FaultInjector(cfg.guard, 0, tmp_path)
+    inj = FaultInjector(cfg.faults, 0, tmp_path)
     inj.attach(model)
     inj.step = 1
     x = torch.randint(0, 320, (2, 32))
@@ -53,8 +60,8 @@ def test_localisation_names_the_injected_module(tmp_path, data_cache):
     inj.step = 2
     assert localize(model, lambda: model(x, x).loss, step=2, rank=0) is None
     with pytest.raises(ValueError, match="not a module path"):
-        FaultInjector(small_config(tmp_path, data_cache, "--guard.inject_nan_step=1",
-                                   "--guard.inject_nan_module=layers.9.nope").guard, 0, tmp_path).attach(model)
+        FaultInjector(small_config(tmp_path, data_cache, "--faults.nan_step=1",
+                                   "--faults.nan_module=layers.9.nope").faults, 0, tmp_path).attach(model)
 
 
 def test_checksum_catches_silent_corruption(tmp_path):

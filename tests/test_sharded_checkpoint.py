@@ -30,7 +30,7 @@ def run_jobs(rank, world, cache, jobs):
                           resume=job.get("resume"))
         start = None
         if job.get("resume"):  # collective: every rank calls it; cloned, as buffers share the live storage
-            state = trainer.checkpoint_state()
+            state = trainer.checkpoints.full_state()
             start = {"model": {k: v.clone() for k, v in state["model"].items()},
                      "optimizer": {i: {k: v.clone() for k, v in per.items()} for i, per in state["optimizer"]["state"].items()}}
         result = trainer.fit()

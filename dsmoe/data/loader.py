@@ -75,22 +75,26 @@ class TokenBatches:
     def global_batch(self) -> int:
         return self.world * self.micro_batch
 
-    def epoch_of(self, index: int) -> int:
-        """The epoch the first row of global batch `index` comes from."""
-        return index * self.global_batch // self.windows_per_epoch
-
-    def batch(self, index: int) -> Batch:
-        """This rank's (x, y) of global batch `index`: int64 tensors [micro_batch, seq_len]."""
-        if index < 0:
-            raise ValueError(f"batch index must be >= 0, got {index}")
-        first = (index * self.world + self.rank) * self.micro_batch
-        positions = np.arange(first, first + self.micro_batch, dtype=np.int64)
+    def rows(self, first: int) -> Batch:
+        """This rank's (x, y) int64 [micro_batch, seq_len] of the global micro-step starting at window
+        position `first` (a count of samples, layout-free): rank r takes positions
+        first + r*micro_batch ... first + (r+1)*micro_batch - 1."""
+        if first < 0:
+            raise ValueError(f"sample position must be >= 0, got {first}")
+        start = first + self.rank * self.micro_batch
+        positions = np.arange(start, start + self.micro_batch, dtype=np.int64)
         epochs, offsets = np.divmod(positions, self.windows_per_epoch)
         windows = np.empty_like(positions)
         for epoch in np.unique(epochs):  # one epoch, or two when the batch straddles a boundary
             mask = epochs == epoch
             windows[mask] = self._permutation(int(epoch))[offsets[mask]]
         return _gather(self.tokens, windows, self.seq_len)
+
+    def batch(self, index: int) -> Batch:
+        """This rank's rows of global batch `index` (= rows(index * world * micro_batch))."""
+        if index < 0:
+            raise ValueError(f"batch index must be >= 0, got {index}")
+        return self.rows(index * self.global_batch)
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if epoch not in self._permutations:
@@ -99,14 +103,6 @@ class TokenBatches:
             generator = torch.Generator().manual_seed(self.seed + epoch)
             self._permutations[epoch] = torch.randperm(self.windows_per_epoch, generator=generator).numpy()
         return self._permutations[epoch]
-
-    def state_dict(self) -> dict:
-        """The position is the index the trainer passes; this only records what fixes the order."""
-        return {"seed": self.seed, "seq_len": self.seq_len, "global_batch": self.global_batch,
-                "windows_per_epoch": self.windows_per_epoch}
-
-    def load_state_dict(self, state: dict) -> None:
-        _warn_on_changes("TokenBatches", state, self.state_dict())
 
 
 class StreamingBatches:

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-CSV_FIELDS = ["step", "loss", "lr", "grad_norm", "tokens_per_s", "tokens_per_s_per_device", "mfu", "tokens_seen",
+CSV_FIELDS = ["step", "loss", "lr", "grad_norm", "tokens_per_s", "tokens_per_s_per_device", "mfu", "samples", "tokens",
               "step_time_s", "data_ms", "forward_ms", "backward_ms", "optimizer_ms", "val_loss", "val_ppl",
               "expert_imbalance", "dropped_frac", "bias_range", "mem_gb", "mem_reserved_gb", "alloc_retries", "ooms",
               "rss_gb", "a2a_mb_per_step", "moe_comm_ms", "skipped_overflow", "guard_events"]

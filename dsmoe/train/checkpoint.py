@@ -49,11 +49,13 @@ def remove_checkpoint(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
-def prune(run_dir: str | Path, keep_last: Optional[int]) -> None:
-    """Keep the newest `keep_last` checkpoints of the run directory, of either kind."""
+def prune(run_dir: str | Path, keep_last: Optional[int], just_written: Path) -> None:
+    """Keep the newest `keep_last` checkpoints of the run directory (one lineage: see run_dir.py), of
+    either kind, and always the one just written."""
     if keep_last:
         for old in list_checkpoints(run_dir)[:-keep_last]:
-            remove_checkpoint(old)
+            if old.resolve() != Path(just_written).resolve():
+                remove_checkpoint(old)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
@@ -108,7 +110,7 @@ def save_checkpoint(state: dict, path: str | Path, keep_last: Optional[int] = No
         before_commit()
     os.replace(tmp, path)
     fsync_dir(path.parent)
-    prune(path.parent.parent, keep_last)
+    prune(path.parent.parent, keep_last, path)
     return path
 
 
@@ -127,24 +129,44 @@ def resolve_resume(resume: Optional[str], run_dir: str | Path) -> Optional[Path]
     return path
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    path = Path(path)
+def _open(path: Path) -> dict:
+    """torch.load with mmap (tensors stay in the page cache, shared by a node's ranks, until copied)."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # truncated zip, bad pickle, wrong file: all unusable
-        raise CheckpointError(f"checkpoint '{path}' is truncated or corrupt ({type(e).__name__}: {e}); "
+        if not _is_zip(path):
+            raise CheckpointError(f"'{path}' is not a checkpoint (not a torch.save archive): pass a step_N.pt file "
+                                  f"or a step_N/ directory, or --resume auto") from None
+        raise CheckpointError(f"checkpoint '{path}' is truncated or corrupt ({type(e).__name__}); "
                               f"resume from an earlier checkpoint in {path.parent}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(f"'{path}' is not a dsmoe checkpoint (format {found})")
+    return state
+
+
+def peek(path: str | Path) -> dict:
+    """A checkpoint's progress, config, layout and run lineage, without reading its tensors."""
+    return {k: v for k, v in _open(Path(path)).items() if k not in ("model", "optimizer")}
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """The whole checkpoint, its checksum verified."""
+    path = Path(path)
+    state = _open(path)
     expected = state.pop("checksum", None)
     payload = {k: v for k, v in state.items() if k != "format"}
     if expected is None or tensor_checksum(payload) != expected:
         raise CheckpointError(f"checkpoint '{path}' fails its checksum (its contents changed after it was written); "
                               f"resume from an earlier checkpoint in {path.parent}")
     return state
+
+
+def _is_zip(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"PK\x03\x04"
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

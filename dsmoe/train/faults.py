@@ -1,6 +1,6 @@
 """Fault injection for rehearsals and tests: a NaN in a module, a loss spike, a killed rank.
 
-Set through `guard.inject_*` config fields (so `--guard.inject_nan_step=40` works on any launcher).
+Set through the `faults` config section (so `--faults.nan_step=40` works on any launcher).
 A kill happens once per run directory (a marker file), so a restarted run goes on.
 """
 from __future__ import annotations
@@ -12,41 +12,41 @@ from typing import Callable
 
 import torch
 
-from dsmoe.config import GuardConfig
+from dsmoe.config import FaultConfig
 
 
 class FaultInjector:
-    def __init__(self, cfg: GuardConfig, rank: int, run_dir: Path):
+    def __init__(self, cfg: FaultConfig, rank: int, run_dir: Path):
         self.cfg, self.rank, self.run_dir = cfg, rank, run_dir
         self.step = 0  # the optimizer step being computed (1-based once training starts)
         self.spent: set = set()  # injections already delivered: a rollback replays the step number, not the fault
 
     def attach(self, model: torch.nn.Module) -> None:
         """A forward hook that turns the chosen module's output into NaN at the chosen step."""
-        if self.cfg.inject_nan_step is None or self.rank != self.cfg.inject_nan_rank:
+        if self.cfg.nan_step is None or self.rank != self.cfg.nan_rank:
             return
         modules = dict(model.named_modules())
-        if self.cfg.inject_nan_module not in modules:
-            raise ValueError(f"guard.inject_nan_module '{self.cfg.inject_nan_module}' is not a module path of the "
+        if self.cfg.nan_module not in modules:
+            raise ValueError(f"faults.nan_module '{self.cfg.nan_module}' is not a module path of the "
                              f"model; e.g. {', '.join(list(modules)[1:6])}")
 
         def hook(module, inputs, output):
-            if self.step == self.cfg.inject_nan_step and "nan" not in self.spent:
+            if self.step == self.cfg.nan_step and "nan" not in self.spent:
                 first = output[0] if isinstance(output, tuple) else output
                 poisoned = first * float("nan")
                 return (poisoned, *output[1:]) if isinstance(output, tuple) else poisoned
             return output
 
-        modules[self.cfg.inject_nan_module].register_forward_hook(hook)
+        modules[self.cfg.nan_module].register_forward_hook(hook)
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
-        return loss * 100.0 if self.step == self.cfg.inject_spike_step and "spike" not in self.spent else loss
+        return loss * 100.0 if self.step == self.cfg.spike_step and "spike" not in self.spent else loss
 
     def step_done(self) -> None:
         """Called when the step (and any replay of it) is over."""
-        if self.step == self.cfg.inject_nan_step:
+        if self.step == self.cfg.nan_step:
             self.spent.add("nan")
-        if self.step == self.cfg.inject_spike_step:
+        if self.step == self.cfg.spike_step:
             self.spent.add("spike")
 
     def _kill_once(self, tag: str) -> None:
@@ -58,17 +58,17 @@ class FaultInjector:
         os.kill(os.getpid(), signal.SIGKILL)
 
     def maybe_kill(self) -> None:
-        if self.step == self.cfg.inject_kill_step and self.rank == self.cfg.inject_kill_rank:
+        if self.step == self.cfg.kill_step and self.rank == self.cfg.kill_rank:
             self._kill_once(f"kill-step{self.step}")
 
     def maybe_hang(self) -> None:
-        if self.step == self.cfg.inject_hang_step and self.rank == self.cfg.inject_hang_rank:
+        if self.step == self.cfg.hang_step and self.rank == self.cfg.hang_rank:
             import time
 
             time.sleep(3600)
 
     def save_hook(self) -> Callable[[], None] | None:
         """Called between writing a checkpoint's temporary file and renaming it."""
-        if self.cfg.inject_kill_in_save is None or self.step != self.cfg.inject_kill_in_save:
+        if self.cfg.kill_in_save is None or self.step != self.cfg.kill_in_save:
             return None
         return lambda: self._kill_once("kill-in-save")

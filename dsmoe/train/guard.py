@@ -1,7 +1,9 @@
-"""NaN and spike guards: one all-reduced flag per step, a policy, and the module that went bad first.
+"""NaN and spike guards: one all-reduced flag per step, the policies, and the module that went bad first.
 
-Cost per step: one all-reduce of 4 floats over the world and one device-to-host copy of them (the
-decision must be known on the host before the optimizer step).
+Cost per step: one all-reduce of (5 + world) floats plus the expert counts over the world, and one
+device-to-host copy of the flags (the decision must be known on the host before the optimizer step).
+The same collective carries the stop request and fp16's overflow flag, so a step that does not log
+has no other host sync.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from dsmoe.config import GuardConfig
 from dsmoe.parallel.fsdp import local
 
 QUANTITIES = ("loss", "grad_norm", "params", "spike")
+HEAD = 4  # flags before the per-rank ones: loss non-finite, grad norm non-finite, fp16 overflow, stop requested
 
 
 class TrainingAborted(RuntimeError):
@@ -32,6 +35,10 @@ class StepVerdict:
     what: list[str]  # the quantities that tripped: loss, grad_norm, params, spike
     ranks: list[int]  # ranks whose own loss was non-finite
     zscore: Optional[float] = None
+    stop: bool = False  # some rank was asked to stop (SIGINT/SIGTERM/SIGUSR1): every rank stops after this step
+    overflow: bool = False  # fp16: GradScaler found inf/NaN gradients on some rank (skipped, not a guard event)
+    counts: Optional[torch.Tensor] = None  # [moe layers, E] tokens per expert summed over every rank
+    dropped: Optional[torch.Tensor] = None  # [moe layers] dropped assignments summed over every rank
 
 
 class SpikeDetector:
@@ -72,31 +79,43 @@ class Guard:
     def __post_init__(self):
         self.spikes = SpikeDetector(self.cfg.spike_window, self.cfg.spike_zscore)
 
-    def check(self, loss: torch.Tensor, grad_norm: torch.Tensor, params_finite: Optional[torch.Tensor],
-              global_loss: Optional[float] = None) -> StepVerdict:
-        """Every rank calls this with its own numbers and gets the same verdict."""
+    def check(self, loss: torch.Tensor, grad_norm: torch.Tensor, found_inf: Optional[torch.Tensor] = None,
+              stop: bool = False, counts: Optional[torch.Tensor] = None,
+              dropped: Optional[torch.Tensor] = None) -> StepVerdict:
+        """Every rank calls this with its own numbers and gets the same verdict.
+
+        One all-reduce (SUM) carries the step's flags, the loss for the spike test, the stop request, the
+        fp16 overflow flag and the expert counts; one device-to-host copy of its first HEAD + world + 1
+        values is the step's only host sync. loss, grad_norm: 0-d; found_inf: 0-d (fp16) or None."""
         device = grad_norm.device
-        local = torch.zeros(len(QUANTITIES) + self.world, device=device)
-        local[0] = (~torch.isfinite(loss)).float()
-        local[1] = (~torch.isfinite(grad_norm)).float()
-        if params_finite is not None:
-            local[2] = (~params_finite).float()
-        if local[0] > 0:  # the loss is rank-local; gradients are already mixed by the all-reduce
-            local[len(QUANTITIES) + self.rank] = 1.0
-        # the spike test needs the mean loss over ranks: send the loss along in the same collective
-        local = torch.cat([local, loss.detach().float().reshape(1).to(device) / self.world])
+        zero = torch.zeros((), device=device)
+        overflow = (found_inf.to(device).float().sum() > 0).float() if found_inf is not None else zero
+        loss_bad = (~torch.isfinite(loss.detach())).float().to(device)
+        ranks = torch.zeros(self.world, device=device)
+        ranks[self.rank] = loss_bad  # the loss is rank-local; gradients are already mixed by the all-reduce
+        parts = [loss_bad.reshape(1), ((~torch.isfinite(grad_norm)).float() * (1 - overflow)).reshape(1),
+                 overflow.reshape(1), torch.full((1,), float(stop), device=device), ranks,
+                 loss.detach().float().reshape(1).to(device) / self.world]
+        tail = [t.float().reshape(-1).to(device) for t in (counts, dropped) if t is not None]
+        flat = torch.cat(parts + tail)
         if self.world > 1:
-            dist.all_reduce(local)
-        flags = local.tolist()  # the one host copy of the step's verdict
+            dist.all_reduce(flat)
+        n_head = HEAD + self.world + 1
+        flags = flat[:n_head].tolist()  # the one host copy of the step's verdict
+        rest = flat[n_head:]
+        if counts is not None:
+            counts, dropped = rest[:counts.numel()].view(counts.shape), rest[counts.numel():].view(dropped.shape)
         mean_loss = flags[-1]
-        z = self.spikes.zscore(mean_loss)
+        judging = self.cfg.policy != "off"
+        z = self.spikes.zscore(mean_loss) if judging else None
         spike = z is not None and z > self.cfg.spike_zscore
-        what = [q for q, f in zip(QUANTITIES[:3], flags[:3]) if f > 0] + (["spike"] if spike else [])
-        ranks = [r for r in range(self.world) if flags[len(QUANTITIES) + r] > 0]
+        what = [q for q, f in zip(QUANTITIES[:2], flags[:2]) if f > 0] + (["spike"] if spike else [])
+        what = what if judging else []
         bad = bool(what)
-        if not bad:
+        if not bad and judging:
             self.spikes.accept(mean_loss)
-        return StepVerdict(bad, what, ranks, z)
+        return StepVerdict(bad, what, [r for r in range(self.world) if flags[HEAD + r] > 0], z,
+                           stop=flags[3] > 0, overflow=flags[2] > 0, counts=counts, dropped=dropped)
 
     def record_bad(self, step: int) -> bool:
         """Count a bad step; True when the rollback threshold is reached."""
@@ -198,3 +217,90 @@ def write_report(run_dir: Path, report: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2))
     return path
+
+
+class GuardPolicy:
+    """What the trainer does with a bad step: skip it (every rank alike), localise the first event,
+    roll back to the newest checkpoint after repeats, or abort with a report."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.cfg: GuardConfig = trainer.cfg.guard
+        self.events: list[dict] = []  # guard events of this run, for logs and tests
+
+    def _warn(self, text: str) -> None:
+        if self.trainer.log is not None:
+            self.trainer.log.warn(text)
+
+    def record(self, verdict: StepVerdict) -> dict:
+        t = self.trainer
+        event = {"step": t.progress.step, "what": verdict.what, "ranks": verdict.ranks, "zscore": verdict.zscore,
+                 "policy": self.cfg.policy}
+        self.events.append(event)
+        ranks = f" on rank(s) {verdict.ranks}" if verdict.ranks else ""
+        self._warn(f"step {t.progress.step}: {', '.join(verdict.what)} tripped the guard{ranks} -> {self.cfg.policy}"
+                   + (f" (z={verdict.zscore:.1f})" if verdict.zscore else ""))
+        return event
+
+    def on_bad_step(self, verdict: StepVerdict, first_sample: int) -> None:
+        """Skip (every rank alike), then localise the first event, then roll back or abort if asked."""
+        first_event = not self.events
+        self.record(verdict)
+        if self.cfg.localize and first_event and "spike" not in verdict.what:
+            self.localize(first_sample)
+        if self.cfg.policy == "abort":
+            self.abort(f"step {self.trainer.progress.step}: {', '.join(verdict.what)} non-finite on ranks "
+                       f"{verdict.ranks}")
+        if self.cfg.policy == "rollback" and self.trainer.guard.record_bad(self.trainer.progress.step):
+            self.rollback()
+
+    def check_params(self) -> None:
+        """Non-finite parameters after an update cannot be skipped: roll back, or abort."""
+        if self.trainer.params_finite_everywhere():
+            return
+        self.record(StepVerdict(True, ["params"], []))
+        if self.cfg.policy == "rollback":
+            self.rollback()
+        else:
+            self.abort(f"step {self.trainer.progress.step}: non-finite parameters after the update")
+
+    def localize(self, first_sample: int) -> None:
+        """Replay the step's micro-batches with hooks; every rank replays all of them (EP collectives)."""
+        t = self.trainer
+        report = None
+        for i in range(t.cfg.train.grad_accum):
+            x, y = t.batch_at(first_sample + i * t.samples_per_micro_step)
+
+            def run(x=x, y=y):
+                with t.autocast():
+                    return t.faults.scale_loss(t.model(x, y).loss)
+
+            found = localize(t.model, run, t.progress.step, t.mesh.rank)
+            report = report or found
+        if report is not None:
+            path = write_report(t.run_dir, report)
+            self.events[-1]["report"] = report
+            self._warn(f"first non-finite value: {report['phase']} of {report['module']} ({report.get('type')}) "
+                       f"at step {report['step']} on rank {report['rank']} -> {path}")
+
+    def rollback(self) -> None:
+        t, g = self.trainer, self.cfg
+        if t.guard.rollbacks >= g.max_rollbacks:
+            self.abort(f"{t.guard.rollbacks} rollbacks did not help")
+        path = t.checkpoints.newest()  # chosen by rank 0, broadcast
+        if path is None:
+            self.abort("no checkpoint to roll back to (set checkpoint.every)")
+        samples, lr_scale, guard_state = t.progress.samples, t.progress.lr_scale, t.guard.state_dict()
+        t.restore(path)
+        t.progress.samples = samples  # skip past the data that went bad
+        t.guard.load_state_dict(guard_state)
+        t.guard.rollbacks += 1
+        t.guard.bad_steps.clear()
+        t.progress.lr_scale = lr_scale * g.rollback_lr_factor
+        self._warn(f"rolled back to {path.name} (step {t.progress.step}), data position kept at sample {samples}, "
+                   f"learning rate x{t.progress.lr_scale:g}")
+
+    def abort(self, why: str) -> None:
+        events = "\n".join(f"  step {e['step']}: {', '.join(e['what'])} ranks {e['ranks']}" for e in self.events)
+        raise TrainingAborted(f"training aborted: {why}; nothing was saved from the bad state.\n"
+                              f"events:\n{events}\nlast good checkpoint: {self.trainer.checkpoints.newest()}")

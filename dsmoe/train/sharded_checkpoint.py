@@ -126,7 +126,7 @@ def save_sharded(tensors: dict, meta: dict, path: Path, keep_last: Optional[int]
         if before_commit is not None:
             before_commit()
         commit(tmp, path)
-        prune(path.parent.parent, keep_last)
+        prune(path.parent.parent, keep_last, path)
         committed = path
     if mesh.distributed:
         dist.barrier()

@@ -1,0 +1,77 @@
+"""Cross-field checks of a resolved config; each error names the field and the fix."""
+from __future__ import annotations
+
+import dataclasses
+
+from dsmoe.config.schema import Config, ConfigError
+
+
+def validate(cfg: Config) -> None:
+    m, a, e, t = cfg.model, cfg.attention, cfg.moe, cfg.train
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ConfigError(msg)
+
+    for section in (m, t):
+        for f in dataclasses.fields(section):
+            v = getattr(section, f.name)
+            if f.name in ("d_model", "n_layers", "n_heads", "ffn_hidden", "max_seq_len", "steps",
+                          "micro_batch", "grad_accum", "seq_len"):
+                need(v > 0, f"{f.name} must be positive, got {v}")
+    if a.kind == "gqa":
+        if a.head_dim is None:
+            need(m.d_model % m.n_heads == 0,
+                 f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}: "
+                 f"change one of them or set attention.head_dim")
+        kv = a.n_kv_heads or m.n_heads
+        need(kv > 0 and m.n_heads % kv == 0,
+             f"attention.n_kv_heads={kv} must divide model.n_heads={m.n_heads} (1 = MQA, {m.n_heads} = MHA)")
+        need((a.head_dim or m.d_model // m.n_heads) % 2 == 0, "the attention head size must be even for RoPE")
+    else:
+        need(a.kv_lora_rank > 0, f"attention.kv_lora_rank must be positive for mla, got {a.kv_lora_rank}")
+        need(a.qk_rope_head_dim > 0 and a.qk_rope_head_dim % 2 == 0,
+             f"attention.qk_rope_head_dim must be a positive even number, got {a.qk_rope_head_dim}")
+        need(a.qk_nope_head_dim >= 0 and a.v_head_dim > 0 and a.q_lora_rank >= 0,
+             "attention.qk_nope_head_dim, v_head_dim and q_lora_rank must be non-negative (v_head_dim positive)")
+    if m.vocab_size is not None:
+        need(m.vocab_size > 0, f"model.vocab_size must be positive or null, got {m.vocab_size}")
+    need(t.seq_len <= m.max_seq_len,
+         f"train.seq_len={t.seq_len} is longer than model.max_seq_len={m.max_seq_len}: raise model.max_seq_len")
+    if e.n_routed_experts > 0:
+        need(1 <= e.top_k <= e.n_routed_experts,
+             f"moe.top_k={e.top_k} must be between 1 and moe.n_routed_experts={e.n_routed_experts}")
+        need(e.expert_hidden > 0, f"moe.expert_hidden must be positive, got {e.expert_hidden}")
+        need(e.n_shared_experts >= 0, f"moe.n_shared_experts must be >= 0, got {e.n_shared_experts}")
+        need(e.n_groups >= 1 and e.n_routed_experts % e.n_groups == 0,
+             f"moe.n_groups={e.n_groups} must divide moe.n_routed_experts={e.n_routed_experts}")
+        need(1 <= e.topk_groups <= e.n_groups,
+             f"moe.topk_groups={e.topk_groups} must be between 1 and moe.n_groups={e.n_groups}")
+        if e.n_groups > 1:
+            need(e.top_k <= e.topk_groups * (e.n_routed_experts // e.n_groups),
+                 f"moe.top_k={e.top_k} exceeds the experts in moe.topk_groups={e.topk_groups} groups")
+        if e.moe_layers is not None:
+            bad = [i for i in e.moe_layers if not 0 <= i < m.n_layers]
+            need(not bad, f"moe.moe_layers {bad} are outside the model's layers 0..{m.n_layers - 1}")
+        need(0 <= e.first_k_dense <= m.n_layers,
+             f"moe.first_k_dense={e.first_k_dense} must be between 0 and model.n_layers={m.n_layers}")
+        if e.capacity_factor is not None:
+            need(e.capacity_factor > 0, f"moe.capacity_factor must be positive or null (dropless), got {e.capacity_factor}")
+        need(e.bias_update_rate >= 0, f"moe.bias_update_rate must be >= 0, got {e.bias_update_rate}")
+    need(cfg.parallel.ep >= 1, f"parallel.ep must be >= 1, got {cfg.parallel.ep}")
+    need(cfg.parallel.replicate >= 1, f"parallel.replicate must be >= 1, got {cfg.parallel.replicate}")
+    need(cfg.parallel.replicate == 1 or cfg.parallel.dp == "fsdp",
+         f"parallel.replicate={cfg.parallel.replicate} (HSDP) needs parallel.dp=fsdp")
+    if e.n_routed_experts > 0:
+        need(e.n_routed_experts % cfg.parallel.ep == 0,
+             f"moe.n_routed_experts={e.n_routed_experts} is not divisible by parallel.ep={cfg.parallel.ep}: "
+             f"choose an ep that divides it")
+    need(0 < cfg.data.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
+    need(t.warmup_steps >= 0 and 0 <= t.min_lr_ratio <= 1, "train.warmup_steps >= 0 and 0 <= train.min_lr_ratio <= 1")
+    g = cfg.guard
+    need(g.spike_window >= 2, f"guard.spike_window must be >= 2, got {g.spike_window}")
+    need(g.rollback_after >= 1 and g.rollback_window >= 1 and g.max_rollbacks >= 0,
+         "guard.rollback_after and guard.rollback_window must be >= 1, guard.max_rollbacks >= 0")
+    need(0 < g.rollback_lr_factor <= 1, f"guard.rollback_lr_factor must be in (0, 1], got {g.rollback_lr_factor}")
+    need(cfg.checkpoint.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {cfg.checkpoint.keep_last}")
+
