@@ -57,6 +57,42 @@ def test_mla_equals_naive_reference(q_lora):
     torch.testing.assert_close(attn(x), ref, rtol=1e-5, atol=1e-5)
 
 
+def test_mla_padded_and_unpadded_v_give_equal_outputs_and_gradients(monkeypatch):
+    from dsmoe.model import attention
+
+    cfg = cfg_with(attention={"kind": "mla", "q_lora_rank": 0, "kv_lora_rank": 16, "qk_nope_head_dim": 8,
+                              "qk_rope_head_dim": 4, "v_head_dim": 8}, model={"d_model": 32, "n_heads": 2})
+    mla = MultiHeadLatentAttention(cfg)
+    for p in mla.parameters():
+        torch.nn.init.normal_(p, 0, 0.2)
+    x = torch.randn(2, 16, 32)
+    results = []
+    for pad in (True, False):
+        monkeypatch.setattr(attention, "v_padding_needed", lambda *args, pad=pad: pad)
+        mla.zero_grad()
+        xi = x.clone().requires_grad_()
+        y = mla(xi)
+        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+        results.append((y, xi.grad, [p.grad.clone() for p in mla.parameters()]))
+    (y1, gx1, gp1), (y2, gx2, gp2) = results
+    torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gx1, gx2, rtol=1e-5, atol=1e-6)
+    for a, b in zip(gp1, gp2):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_v_is_padded_only_where_sdpa_would_otherwise_take_its_math_kernel():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from dsmoe.model.attention import v_padding_needed
+
+    cpu = torch.device("cpu")
+    assert v_padding_needed(cpu, torch.float32, 2, 16, 4, 24, 16, True)  # CPU flash needs equal head sizes
+    assert v_padding_needed(cpu, torch.bfloat16, 2, 16, 4, 24, 16, False)
+    with sdpa_kernel(SDPBackend.MATH):  # flash disabled: math either way, padding would only cost
+        assert not v_padding_needed(cpu, torch.float32, 2, 16, 4, 24, 16, True)
+
+
 @pytest.mark.parametrize("n_kv", [1, 2, 4])
 def test_gqa_equals_naive_reference(n_kv):
     cfg = cfg_with(attention={"kind": "gqa", "n_kv_heads": n_kv}, model={"d_model": 32, "n_heads": 4})

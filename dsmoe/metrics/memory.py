@@ -20,9 +20,9 @@ not from a rule of thumb such as 34·s·b·h. Facts the model encodes, all visib
 - The MoE combine works in fp32: expert outputs are upcast ([T·K, d] fp32) and the weighted rows
   given to index_add_ are saved too ([T·K, d] fp32).
 - SDPA: fused kernels (flash / memory-efficient / cuDNN on CUDA; flash on CPU when q/k and v head
-  sizes match) save q, k, v, the output and an fp32 logsumexp. MLA pads V to the q/k head size so
-  that they do; CPU's math fallback (v head size above q/k's) would save scaled fp32 copies of q, k,
-  v and the [B,H,S,S] probabilities.
+  sizes match) save q, k, v, the output and an fp32 logsumexp. On CPU MLA pads V to the q/k head size
+  so that they do (dsmoe.model.attention.v_padding_needed; CUDA's kernels take V unpadded); CPU's
+  math fallback would save scaled fp32 copies of q, k, v and the [B,H,S,S] probabilities.
 - The router runs F.linear under autocast (its `.float()` does not leave autocast), so its logits
   and scores are 2 bytes there.
 - Full checkpointing keeps only each block's fp32 input [B,S,d]; one block's activations are
@@ -121,7 +121,7 @@ def _attention(cfg: Config, B: int, S: int, cb: int, device: str) -> int:
     # contiguous fp32 copy of the latent; then wkv_b's input
     total += (T * (kv + rope) * 4 + T * kv * 4 + T * 4) if not amp else _norm(T, kv)
     total += T * kv * cb
-    if qk > vd:  # V zero-padded to the q/k head size (a new tensor) so that a flash kernel runs
+    if qk > vd and device == "cpu":  # V zero-padded to the q/k head size so that CPU's flash kernel runs
         total += 2 * T * H * qk * cb  # q and k (torch.cat outputs)
         total += 2 * T * H * qk * cb + B * H * S * 4  # padded v, padded output, logsumexp
         total += T * H * vd * cb  # wo's input: the sliced output, made contiguous
@@ -181,9 +181,10 @@ def activation_ledger(cfg: Config, device: str = "cuda", ep: int = 1) -> dict:
     outer = T * 8 + _norm(T, d) + T * d * cb + T * 8 + T * 4 + 8
     c = min(T, chunk_tokens_for(V))
     # loss backward, one chunk at a time: fp32 logits (turned into their gradient in place) and its
-    # compute-dtype copy; the head weight's cast (under autocast), the fp32 gradient it sums into and
-    # each chunk's product; the head input's gradient
-    loss_work = c * V * (4 + cb) + V * d * ((2 if amp else 0) + 4 + cb) + T * d * cb
+    # compute-dtype copy; the head weight's cast (under autocast) and each chunk's weight-gradient
+    # product; the head input's gradient. The fp32 sum of those products becomes the weight's
+    # gradient (counted with the gradients).
+    loss_work = c * V * (4 + cb) + V * d * ((2 if amp else 0) + cb) + T * d * cb
     return {
         "layers": layers,  # per block, without the weight casts
         "expert_casts": expert_casts,  # per block: autocast copies of the stacked experts

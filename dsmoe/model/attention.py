@@ -1,11 +1,13 @@
 """Attention: MLA (latent KV, decoupled RoPE) and GQA/MQA/MHA, with RMSNorm and interleaved RoPE."""
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend
 
 from dsmoe.config import Config
 
@@ -64,6 +66,37 @@ class RotaryCache(nn.Module):
         self.cos, self.sin = rope_tables(self.head_dim, self.max_seq_len, self.theta, device=self.cos.device)
 
 
+@torch.compiler.assume_constant_result  # torch.compile evaluates it once while tracing: no graph break
+def v_padding_needed(device: torch.device, dtype: torch.dtype, B: int, S: int, H: int, qk_dim: int, v_dim: int,
+                     requires_grad: bool) -> bool:
+    """Whether MLA should zero-pad V [B, H, S, v_dim] to q/k's head size `qk_dim` before SDPA: True only
+    when SDPA would pick its math fallback (slower, and it keeps the [B, H, S, S] weights for backward)
+    for the unpadded tensors but a fused kernel for padded ones.
+
+    Asks the installed torch's own backend selection (`torch._fused_sdp_choice`, under SDPA's enable
+    flags) once per shape, so it follows whatever that torch version allows. Its rules as of torch 2.11-2.13
+    (aten/src/ATen/native/transformers/sdp_utils_cpp.cpp and cuda/sdp_utils.cpp): the CPU flash kernel
+    and CUDA flash attention need equal q/k/v head sizes;
+    CUDA's memory-efficient kernel (fp32/fp16/bf16, sm50+) takes v != q/k, and so does cuDNN (fp16/bf16,
+    sm80+, head sizes up to 128, 256 on sm90 with cuDNN >= 9.10, preferred there with cuDNN > 9.15). So
+    on CPU V is padded (192 for DeepSeek-V3's 128), on CUDA it is not: padding would cost 20% more
+    attention FLOPs and a padded V and output."""
+    flags = (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled(),
+             torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.math_sdp_enabled())
+    return _v_padding_needed(torch.device(device), dtype, (B, S, H, qk_dim), v_dim, requires_grad, flags)
+
+
+@functools.lru_cache(maxsize=64)
+def _v_padding_needed(device, dtype, shape_BSHK, v_dim, requires_grad, flags) -> bool:
+    # probes laid out as MLA's own q/k/v: [B, S, H, K] transposed to [B, H, S, K]
+    q = torch.empty(shape_BSHK, device=device, dtype=dtype, requires_grad=requires_grad).transpose(1, 2)
+    v = torch.empty(*shape_BSHK[:3], v_dim, device=device, dtype=dtype, requires_grad=requires_grad).transpose(1, 2)
+    math_kernel = SDPBackend.MATH.value
+    unpadded = torch._fused_sdp_choice(q, q, v, is_causal=True)
+    padded = torch._fused_sdp_choice(q, q, q, is_causal=True)
+    return unpadded == math_kernel and padded != math_kernel
+
+
 class MultiHeadLatentAttention(nn.Module):
     """DeepSeek-V2/V3 MLA: K/V from a compressed latent plus one RoPE key shared across heads."""
 
@@ -108,10 +141,9 @@ class MultiHeadLatentAttention(nn.Module):
         k_BHSK = torch.cat([k_nope, k_pe_BS1R.expand(B, S, H, self.rope)], dim=-1).transpose(1, 2)
         v_BHSV = v_BSHV.transpose(1, 2)
         pad = self.nope + self.rope - self.v_dim
-        if pad > 0:
-            # flash kernels (CPU and CUDA) need V's head dim equal to Q/K's; without them SDPA falls back to
-            # the math path, which is slower and keeps the S x S attention weights for backward
-            v_BHSV = F.pad(v_BHSV, (0, pad))
+        if pad > 0 and v_padding_needed(q_BHSK.device, q_BHSK.dtype, B, S, H, self.nope + self.rope, self.v_dim,
+                                        q_BHSK.requires_grad):
+            v_BHSV = F.pad(v_BHSV, (0, pad))  # zero columns: the output's extra columns are zero, sliced off
         out_BHSV = F.scaled_dot_product_attention(q_BHSK, k_BHSK, v_BHSV, is_causal=True, scale=self.scale)
         out_BHSV = out_BHSV[..., :self.v_dim]
         return self.wo(out_BHSV.transpose(1, 2).reshape(B, S, H * self.v_dim))
