@@ -1,8 +1,8 @@
 """What the training launchers share: arguments, threads, clean errors, stops and the end-of-run summary.
 
 Exit codes: 0 done; 2 a config, checkpoint or run-directory error (nothing written); 3 the guard aborted
-or out of memory; 75 stopped on request (SIGINT/SIGTERM/SIGUSR1) with a checkpoint: rerun with
---resume auto; 130 a second Ctrl-C (out at once).
+or out of memory; 4 the ranks could not connect (the message names the cause and the fix); 75 stopped on
+request (SIGINT/SIGTERM/SIGUSR1) with a checkpoint: rerun with --resume auto; 130 a second Ctrl-C.
 """
 from __future__ import annotations
 
@@ -141,7 +141,7 @@ def warn_restart_store() -> None:
 
 def run_training(argv: list[str], description: str) -> int:
     """Build the trainer from the command line and train; see the module docstring for exit codes."""
-    from dsmoe.parallel.mesh import shutdown
+    from dsmoe.parallel.mesh import StartupError, shutdown
     from dsmoe.train.checkpoint import CheckpointError
     from dsmoe.train.guard import TrainingAborted
     from dsmoe.train.signals import EXIT_INTERRUPTED, EXIT_STOPPED
@@ -173,6 +173,9 @@ def run_training(argv: list[str], description: str) -> int:
     except MemoryError as e:
         say_error(str(e), agreed=False)
         return 3
+    except StartupError as e:
+        say_error(str(e), agreed=False)
+        return 4
     except KeyboardInterrupt:
         say_error("interrupted before training started: nothing to save", agreed=False)
         return EXIT_INTERRUPTED

@@ -1,12 +1,12 @@
 """NaN guards and faults end to end: skip on every rank, rollback, abort, localisation, killed ranks."""
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from cli import losses_by_step, run, small_args, torchrun, torchrun_cmd
 from conftest import REPO, small_config
 from distributed import run_workers
 from dsmoe.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
@@ -75,45 +75,20 @@ def test_loss_spike_is_caught_and_skipped(tmp_path, data_cache):
     assert t.progress.sched_step == 5
 
 
-def losses_by_step(run_dir):
-    """The last logged loss of each step (a restarted run logs some steps twice)."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
-
-
-def torchrun(run_dir, cache, *extra):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "launch" / "train_ddp.py"), "--resume", "auto",
-           *small_args(run_dir, cache), *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=400, env={**os.environ, "OMP_NUM_THREADS": "1"})
-
-
-def small_args(run_dir, cache):
-    cfg = small_config(run_dir, cache)  # the same shape as the in-process tests, as flags
-    flat = []
-    for section in ("model", "attention", "moe", "train", "checkpoint", "run", "data", "log"):
-        for k, v in getattr(cfg, section).__dict__.items():
-            if v is not None and not isinstance(v, list):
-                flat.append(f"--{section}.{k}={v}")
-    return flat
-
-
-def test_killed_rank_loses_nothing_the_rerun_resumes_to_the_same_losses(tmp_path, data_cache):
-    """SIGKILL of rank 1 at step 4 ends the job (rank 0 sees the reset connection and exits); the same
-    command again, as a scheduler's requeue or torchrun's --max-restarts does, resumes from step 2.
-    (The in-place restart of torchrun itself is not exercised here: on gloo its reconnect is refused or
-    hangs now and then, which would make this test flaky without testing dsmoe.)"""
+@pytest.mark.parametrize("fault", ["--faults.kill_step=4", "--faults.kill_in_save=4"])
+def test_torchrun_restarts_in_place_and_continues_with_the_same_losses(tmp_path, data_cache, fault):
+    """SIGKILL of a rank at step 4 (or of rank 0 while it writes step 4's checkpoint): torchrun's
+    --max-restarts starts every rank again, they resume from step 2's checkpoint, and the per-step
+    losses equal an uninterrupted run's (each step logged once)."""
     ref = torchrun(tmp_path / "ref", data_cache, "--checkpoint.every=2")
     assert ref.returncode == 0, ref.stdout + ref.stderr
-    kill_args = ("--checkpoint.every=2", "--faults.kill_step=4", "--faults.kill_rank=1")
-    killed = torchrun(tmp_path / "killed", data_cache, *kill_args)
-    assert killed.returncode != 0
-    assert (tmp_path / "killed" / ".injected-kill-step4-rank1").exists()  # the kill did happen
-    assert [p.name for p in list_checkpoints(tmp_path / "killed")] == ["step_0000002.pt"]
-    rerun = torchrun(tmp_path / "killed", data_cache, *kill_args)  # the marker: no second kill
-    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
-    assert "resumed from" in rerun.stdout and "step_0000002.pt" in rerun.stdout
-    assert losses_by_step(tmp_path / "killed") == losses_by_step(tmp_path / "ref")
+    kill = [fault, "--faults.kill_rank=1"] if "kill_step" in fault else [fault]
+    restarted = run(torchrun_cmd(tmp_path / "run", data_cache, "--resume", "auto", "--checkpoint.every=2", *kill,
+                                 torchrun_flags=("--max-restarts", "2")))
+    assert restarted.returncode == 0, restarted.stdout + restarted.stderr
+    assert list((tmp_path / "run").glob(".injected-*"))  # the kill did happen
+    assert "step_0000002.pt (step 2" in restarted.stdout  # the second attempt resumed from step 2
+    assert losses_by_step(tmp_path / "run") == losses_by_step(tmp_path / "ref")
 
 
 def test_kill_during_checkpoint_write_loses_nothing(tmp_path, data_cache):

@@ -125,6 +125,8 @@ class ParallelConfig:
     reshard_after_forward: bool = doc(True, "FSDP2: free the gathered parameters after forward")
     cpu_offload: bool = doc(False, "FSDP2: keep parameters and optimizer state on the CPU")
     replicate: int = doc(1, "FSDP2: HSDP replica groups (1 = plain FSDP)")
+    connect_timeout_s: int = doc(60, "seconds the ranks have to form their process groups (a restart that "
+                                     "cannot reconnect fails after this)")
     timeout_s: int = doc(600, "process-group timeout at start-up (seconds): data preparation, first steps")
     step_timeout_s: int = doc(300, "process-group timeout once the first steps are done (seconds)")
 

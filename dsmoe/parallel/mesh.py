@@ -56,8 +56,14 @@ def pick_device(requested: str, local_rank: int) -> torch.device:
     return device
 
 
-def init_mesh(device: str = "auto", ep: int = 1, timeout_s: int = 600) -> Mesh:
-    """Read torchrun's environment, start the process group (NCCL on CUDA, gloo on CPU), build groups."""
+class StartupError(RuntimeError):
+    """The ranks could not form their process groups; the message names the likely cause and the fix."""
+
+
+def init_mesh(device: str = "auto", ep: int = 1, timeout_s: int = 600, connect_timeout_s: int = 60) -> Mesh:
+    """Read torchrun's environment, start the process group (NCCL on CUDA beside gloo for host tensors,
+    gloo on CPU), build the groups. Creating them runs under `connect_timeout_s`, so an attempt that
+    cannot reach its peers fails fast with StartupError; then collectives get `timeout_s` for start-up."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -70,21 +76,35 @@ def init_mesh(device: str = "auto", ep: int = 1, timeout_s: int = 600) -> Mesh:
     mesh = Mesh(rank=rank, world=world, local_rank=local_rank, ep=ep, device=dev)
     if world == 1:
         return mesh
-    if not dist.is_initialized():
-        backend = "nccl" if dev.type == "cuda" else "gloo"
-        kwargs = {"device_id": dev} if dev.type == "cuda" else {}
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
-    mesh.monitor_group = dist.new_group(backend="gloo")
-    if ep > 1:
-        edp = world // ep
-        for i in range(edp):  # every rank creates every group, in the same order
-            group = dist.new_group(list(range(i * ep, (i + 1) * ep)))
-            if rank // ep == i:
-                mesh.ep_group = group
-        for j in range(ep):
-            group = dist.new_group(list(range(j, world, ep)))
-            if rank % ep == j:
-                mesh.edp_group = group
+    connect = datetime.timedelta(seconds=connect_timeout_s)
+    try:
+        if not dist.is_initialized():
+            backend = "cpu:gloo,cuda:nccl" if dev.type == "cuda" else "gloo"
+            kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+            dist.init_process_group(backend, timeout=connect, **kwargs)
+        mesh.monitor_group = dist.new_group(backend="gloo", timeout=connect)
+        if ep > 1:
+            edp = world // ep
+            for i in range(edp):  # every rank creates every group, in the same order
+                group = dist.new_group(list(range(i * ep, (i + 1) * ep)), timeout=connect)
+                if rank // ep == i:
+                    mesh.ep_group = group
+            for j in range(ep):
+                group = dist.new_group(list(range(j, world, ep)), timeout=connect)
+                if rank % ep == j:
+                    mesh.edp_group = group
+        dist.barrier(group=mesh.monitor_group)  # every rank is here: the groups are connected
+    except (RuntimeError, dist.DistError) as e:
+        restarts = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        raise StartupError(
+            f"rank {rank} could not connect to the other {world - 1} ranks within {connect_timeout_s} s "
+            f"(torchrun attempt {restarts}): {str(e).splitlines()[0][:300]}. "
+            + ("A restarted attempt that shares torchrun's rendezvous store can read the previous attempt's "
+               "addresses: launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun ... (launch/*.sh do). "
+               if os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") != "1" else "")
+            + "Otherwise check that every rank started and can reach MASTER_ADDR; parallel.connect_timeout_s "
+              "sets the limit") from None
+    set_timeout(mesh, timeout_s)
     return mesh
 
 

@@ -183,7 +183,7 @@ class Checkpoints:
             t.model.load_state_dict(state["model"])
             t.optimizer.load_state_dict(state["optimizer"])
         t.scaler.load_state_dict(state["scaler"])
-        t.progress = progress_of(state)
+        vars(t.progress).update(asdict(progress_of(state)))  # in place: the loop holds this object
         t.guard.load_state_dict(state.get("guard") or t.guard.state_dict())
         rng = state["rng"]
         if t.mesh.rank < rng["cpu"].shape[0]:  # a rank beyond the saved world keeps its seeded state

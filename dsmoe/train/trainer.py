@@ -40,7 +40,7 @@ class Trainer:
     def __init__(self, cfg: Config, resume: Optional[str] = None, mesh: Optional[Mesh] = None):
         self.cfg = cfg
         t = cfg.train
-        self.mesh = mesh or init_mesh(t.device, cfg.parallel.ep, cfg.parallel.timeout_s)
+        self.mesh = mesh or init_mesh(t.device, cfg.parallel.ep, cfg.parallel.timeout_s, cfg.parallel.connect_timeout_s)
         self.device = self.mesh.device
         self.run_dir = Path(cfg.run.dir)
         self.log = RunLogger(None, self.mesh.rank, 0, "off")  # until fit() opens the run's files
