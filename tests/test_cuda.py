@@ -1,0 +1,132 @@
+"""On a CUDA GPU: bf16 and fp16 + GradScaler training against fp32, grouped vs loop experts per dtype, compiled vs
+eager, the trainer's CUDA memory counters, activation checkpointing. Marked `cuda` and skipped without a GPU;
+`pytest -m cuda` (part of `make bench-gpu`) runs them there.
+
+The fp32 references run with TF32 off (IEEE fp32 matmuls), so the tolerances below measure bf16 / fp16 alone.
+"""
+import dataclasses
+
+import pytest
+import torch
+
+from conftest import rel_err, small_config
+from dsmoe.config import TrainConfig, load_config
+from dsmoe.train.trainer import Trainer
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+CUDA = "--train.device=cuda"
+# Over 6 steps of the small model (2 x 4 x 32 tokens per step, AdamW): the largest relative loss difference
+# of any step, and the relative L2 distance of the final parameters, from the fp32 run.
+MIXED_TOL = {"bf16": {"loss": 5e-3, "params": 3e-2}, "fp16": {"loss": 2e-3, "params": 1e-2}}
+# grouped_mm vs the per-expert loop on one MoE layer: outputs and gradients, relative to their largest entry
+GROUPED_TOL = {"fp32": 1e-5, "bf16": 2e-2, "fp16": 2e-3}
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@pytest.fixture(autouse=True)
+def _ieee_fp32():
+    """fp32 references without TF32; restored afterwards."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.set_float32_matmul_precision(before)
+
+
+def fit(tmp_path, data_cache, name, *overrides):
+    """Train the small model on the GPU; (per-step losses, final fp32 state on the CPU, logged rows, trainer)."""
+    t = Trainer(small_config(tmp_path / name, data_cache, CUDA, *overrides))
+    rows = [r for r in t.fit()["history"] if "loss" in r]
+    state = {k: v.detach().float().cpu() for k, v in t.model.state_dict().items()}
+    return [r["loss"] for r in rows], state, rows, t
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_step_tracks_fp32(tmp_path, data_cache, precision):
+    ref_losses, ref_state, _, _ = fit(tmp_path, data_cache, "fp32", "--train.precision=fp32")
+    losses, state, rows, t = fit(tmp_path, data_cache, precision, f"--train.precision={precision}")
+    assert t.precision == precision and len(losses) == len(ref_losses) == 6
+    assert rows[-1].get("skipped_overflow", 0) == 0  # GradScaler found no overflow: every step was taken
+    worst = max(abs(a - b) / b for a, b in zip(losses, ref_losses))
+    assert worst <= MIXED_TOL[precision]["loss"], (losses, ref_losses)
+    assert rel_err(state, ref_state) <= MIXED_TOL[precision]["params"]
+    assert losses[-1] < losses[0]
+
+
+class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """Names of the aten ops that ran."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
+def test_grouped_experts_match_loop_per_dtype(dtype):
+    from dsmoe.model.moe import MoE
+
+    def layer(impl):
+        cfg = load_config(None, {"model": {"d_model": 128}, "moe": {"expert_hidden": 256, "n_routed_experts": 8,
+                                                                    "top_k": 2, "expert_impl": impl}})
+        torch.manual_seed(0)
+        moe = MoE(cfg)
+        for p in moe.parameters():
+            torch.nn.init.normal_(p, 0.0, 0.02)
+        return moe.cuda()
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 256, 128, generator=gen).cuda()
+    g = torch.randn(2, 256, 128, generator=gen).cuda()
+    results = {}
+    for impl in ("loop", "grouped"):
+        moe, xi = layer(impl), x.clone().requires_grad_(True)
+        log = _OpLog()
+        with log, torch.autocast("cuda", dtype=DTYPES[dtype], enabled=DTYPES[dtype] is not None):
+            y = moe(xi)[0]
+        (y.float() * g).sum().backward()
+        results[impl] = [y.float(), xi.grad, moe.experts.w_gate.grad, moe.experts.w_down.grad, moe.router.weight.grad]
+        results[impl + "_ops"] = log.ops
+    assert "_grouped_mm" in results["grouped_ops"] and "_grouped_mm" not in results["loop_ops"]
+    for a, b in zip(results["grouped"], results["loop"]):
+        assert (a - b).abs().max() <= GROUPED_TOL[dtype] * b.abs().max()
+
+
+def test_compiled_matches_eager(tmp_path, data_cache):
+    if "compile" not in {f.name for f in dataclasses.fields(TrainConfig)}:
+        pytest.skip("this config has no train.compile")
+    eager, _, _, _ = fit(tmp_path, data_cache, "eager", "--train.precision=fp32")
+    compiled, _, _, _ = fit(tmp_path, data_cache, "compiled", "--train.precision=fp32", "--train.compile=true")
+    assert max(abs(a - b) / b for a, b in zip(compiled, eager)) <= 1e-4, (compiled, eager)
+
+
+def test_memory_counters_in_the_log(tmp_path, data_cache):
+    torch.cuda.reset_peak_memory_stats()
+    _, _, rows, t = fit(tmp_path, data_cache, "mem", "--train.precision=bf16", "--train.steps=2")
+    n_params = sum(p.numel() for p in t.model.parameters())
+    last = rows[-1]
+    # after an AdamW step the peak holds fp32 parameters, gradients and both moments: 16 bytes per parameter
+    assert 16 * n_params <= last["mem_gb"] * 2**30 <= torch.cuda.max_memory_allocated()
+    assert last["mem_reserved_gb"] >= last["mem_gb"]
+    assert last["alloc_retries"] == 0 and last["ooms"] == 0
+    assert last["mfu"] is None or 0 < last["mfu"] < 1
+
+
+@pytest.mark.parametrize("policy", ["full", "selective"])
+def test_activation_checkpointing_on_cuda(tmp_path, data_cache, policy):
+    from dsmoe.metrics.memory import measure_saved_activation_bytes
+    from dsmoe.parallel.wrap import block_fn_for
+
+    base, _, _, t = fit(tmp_path, data_cache, "none", "--train.precision=bf16")
+    ckpt, _, _, tc = fit(tmp_path, data_cache, policy, "--train.precision=bf16",
+                         f"--parallel.activation_checkpointing={policy}")
+    # recomputation replays the same kernels; atomics in some CUDA backward kernels leave last-bit differences
+    assert max(abs(a - b) / b for a, b in zip(ckpt, base)) <= 1e-3, (ckpt, base)
+    idx = torch.randint(0, t.model.vocab_size, (4, 32), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        kept_none = measure_saved_activation_bytes(t.model, idx)
+        kept = measure_saved_activation_bytes(tc.model, idx, block_fn_for(tc.cfg.parallel))
+    assert kept < kept_none
