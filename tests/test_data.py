@@ -11,7 +11,7 @@ import torch
 
 from dsmoe.data import prepare as prepare_module
 from dsmoe.data import sources
-from dsmoe.data import (StreamingBatches, TokenBatches, ensure_prepared, get_tokenizer, iter_documents,
+from dsmoe.data import (TokenBatches, ensure_prepared, get_tokenizer, iter_documents,
                         load_prepared, padded_vocab_size, prepared_dir, shakespeare_path, val_batches)
 from dsmoe.data.prepare import prepare
 
@@ -318,42 +318,6 @@ def test_sample_positions_are_layout_free(layouts):
     per_step = w1 * m1 * a1
     for step in range(5):  # crosses epoch boundaries (29 windows per epoch)
         assert step_windows(w1, m1, a1, step * per_step) == step_windows(w2, m2, a2, step * per_step)
-
-
-def _documents(n):
-    rng = np.random.default_rng(0)
-    return [f"doc {i}: " + "ab☃ "[0:int(rng.integers(1, 4))] * int(rng.integers(1, 30)) for i in range(n)]
-
-
-@pytest.mark.parametrize("rank,world", [(0, 1), (1, 2)])
-def test_streaming_resume_yields_the_uninterrupted_batches(rank, world, tmp_path):
-    docs, tok = _documents(200), get_tokenizer("byte")
-    uninterrupted = list(StreamingBatches(iter(docs), tok, SEQ, 2, rank=rank, world=world))
-    assert len(uninterrupted) > 10
-    k = 7
-    first = StreamingBatches(iter(docs), tok, SEQ, 2, rank=rank, world=world)
-    stream = iter(first)
-    for i in range(k):
-        x, y = next(stream)
-        assert torch.equal(x, uninterrupted[i][0]) and torch.equal(y, uninterrupted[i][1])
-    torch.save(first.state_dict(), tmp_path / "state.pt")
-    resumed = StreamingBatches(iter(docs), tok, SEQ, 2, rank=rank, world=world)
-    resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
-    rest = list(resumed)
-    assert len(rest) == len(uninterrupted) - k
-    for (x, y), (ux, uy) in zip(rest, uninterrupted[k:]):
-        assert torch.equal(x, ux) and torch.equal(y, uy)
-
-
-def test_streaming_shards_documents_by_rank():
-    docs, tok = _documents(50), get_tokenizer("byte")
-    packed = [t for doc in docs[1::2] for t in tok.encode(doc) + [tok.eot_id]]
-    batches = list(StreamingBatches(docs, tok, SEQ, 2, rank=1, world=2))
-    stream = torch.cat([x.flatten() for x, _ in batches] + [batches[-1][1][-1, -1:]])
-    assert stream.tolist() == packed[:len(stream)]
-    assert len(packed) - len(stream) < 2 * SEQ + 1  # only a partial batch is left over
-    x, y = batches[0]
-    assert torch.equal(y.flatten()[:-1], x.flatten()[1:])
 
 
 def test_val_batches_are_fixed_and_evenly_spaced():

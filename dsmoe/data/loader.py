@@ -2,20 +2,14 @@
 
 `TokenBatches` reads a prepared token array and makes each batch a pure function of its index, so
 resuming is just passing the same index again, and a batch at world size W is exactly the world=1
-batch of W times the rows, split between ranks. `StreamingBatches` tokenizes a document stream on
-the fly for corpora that are never prepared (hf streaming), with a small resumable state.
+batch of W times the rows, split between ranks. Corpora that are never prepared stream through
+dsmoe.data.streaming instead.
 """
 
 from __future__ import annotations
 
-import itertools
-import warnings
-from typing import Iterable, Iterator
-
 import numpy as np
 import torch
-
-from dsmoe.data.tokenizer import Tokenizer
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -38,14 +32,6 @@ def _gather(tokens: np.ndarray, windows: np.ndarray, seq_len: int) -> Batch:
     rows = np.asarray(tokens[starts[:, None] + np.arange(seq_len + 1)], dtype=np.int64)
     rows = torch.from_numpy(rows)
     return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
-
-
-def _warn_on_changes(owner: str, saved: dict, current: dict) -> None:
-    changed = {key: (saved[key], current[key]) for key in current if key in saved and saved[key] != current[key]}
-    if changed:
-        details = ", ".join(f"{key} {old} -> {new}" for key, (old, new) in changed.items())
-        warnings.warn(f"{owner}: resuming with {details}; the data order will differ from the "
-                      f"uninterrupted run", stacklevel=3)
 
 
 class TokenBatches:
@@ -103,63 +89,6 @@ class TokenBatches:
             generator = torch.Generator().manual_seed(self.seed + epoch)
             self._permutations[epoch] = torch.randperm(self.windows_per_epoch, generator=generator).numpy()
         return self._permutations[epoch]
-
-
-class StreamingBatches:
-    """Tokenize documents as they arrive, pack them with end-of-text, and yield (x, y) batches.
-
-    Document i goes to rank i % world, so ranks read disjoint documents from the same stream.
-    Rows are consecutive windows at stride seq_len over this rank's packed tokens. Ranks may run
-    out of documents at different batches; give them an endless (or repeated) stream.
-
-    Resuming: build a new instance over a fresh iterator of the same documents, call
-    load_state_dict with the saved state, and iterate; the consumed documents are skipped without
-    tokenizing them, and the batches continue exactly where the saved run stopped.
-    """
-
-    def __init__(self, documents: Iterable[str], tokenizer: Tokenizer, seq_len: int, micro_batch: int,
-                 *, rank: int = 0, world: int = 1) -> None:
-        _check_layout(seq_len, micro_batch, rank, world)
-        self._documents = documents
-        self.tokenizer = tokenizer
-        self.seq_len, self.micro_batch, self.rank, self.world = seq_len, micro_batch, rank, world
-        self.documents_consumed = 0  # documents taken from the stream, every rank's included
-        self._carry = np.empty(0, dtype=np.int64)  # this rank's tokens not yet emitted
-
-    def __iter__(self) -> Iterator[Batch]:
-        documents = iter(self._documents)
-        skipped = sum(1 for _ in itertools.islice(documents, self.documents_consumed))
-        if skipped < self.documents_consumed:
-            raise ValueError(f"the document stream ended after {skipped} documents, but the saved state "
-                             f"had consumed {self.documents_consumed}; resume over the same source")
-        needed = self.micro_batch * self.seq_len + 1
-        shape = (self.micro_batch, self.seq_len)
-        while True:
-            while len(self._carry) >= needed:
-                window = torch.from_numpy(self._carry[:needed].copy())
-                # The last token of this batch's targets is the first input of the next batch.
-                self._carry = self._carry[needed - 1:]
-                yield window[:-1].view(shape), window[1:].view(shape)
-            document = next(documents, None)
-            if document is None:
-                return
-            is_mine = self.documents_consumed % self.world == self.rank
-            self.documents_consumed += 1
-            if is_mine:
-                tokens = self.tokenizer.encode(document) + [self.tokenizer.eot_id]
-                self._carry = np.concatenate([self._carry, np.asarray(tokens, dtype=np.int64)])
-
-    def state_dict(self) -> dict:
-        """Primitives and a tensor only, so torch.load(weights_only=True) reads it back."""
-        return {"documents_consumed": self.documents_consumed, "carry": torch.from_numpy(self._carry.copy()),
-                "rank": self.rank, "world": self.world, "seq_len": self.seq_len,
-                "micro_batch": self.micro_batch}
-
-    def load_state_dict(self, state: dict) -> None:
-        _warn_on_changes("StreamingBatches", state, {"rank": self.rank, "world": self.world,
-                                                     "seq_len": self.seq_len, "micro_batch": self.micro_batch})
-        self.documents_consumed = int(state["documents_consumed"])
-        self._carry = torch.as_tensor(state["carry"], dtype=torch.int64).numpy().copy()
 
 
 def val_batches(val_tokens: np.ndarray, seq_len: int, micro_batch: int, n_batches: int) -> list[Batch]:
