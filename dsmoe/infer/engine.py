@@ -133,7 +133,7 @@ class Batch:
             self.rows[i] = self.rows[last]
         self.rows.pop()
         if not seq.finished:
-            self._finish(seq, reason)
+            self.finish(seq, reason)
 
     def _advance(self, seqs: list[Sequence], logits_BV: torch.Tensor) -> None:
         seen = torch.stack([s.seen if s.seen is not None else torch.zeros(self.vocab_limit, dtype=torch.bool,
@@ -142,7 +142,7 @@ class Batch:
         tokens = sample(logits_BV[:, :self.vocab_limit], [s.params for s in seqs], [s.generator for s in seqs], seen)
         for s, t in zip(seqs, tokens):
             if t == self.eos_id and not s.params.ignore_eos:
-                self._finish(s, "stop", flush=True)
+                self.finish(s, "stop", flush=True)
                 continue
             s.out.append(t)
             if s.seen is not None:
@@ -152,10 +152,10 @@ class Batch:
                 piece, stopped = s.stream.update(s.out, final=full)
                 self._emit(s, piece)
                 if stopped:
-                    self._finish(s, "stop")
+                    self.finish(s, "stop")
                     continue
             if full:
-                self._finish(s, "length", flush=True)
+                self.finish(s, "length", flush=True)
         for s in seqs:
             if s.finished:
                 self.remove(s)
@@ -166,7 +166,8 @@ class Batch:
             if seq.listener is not None:
                 seq.listener(seq, piece)
 
-    def _finish(self, seq: Sequence, reason: str, flush: bool = False) -> None:
+    def finish(self, seq: Sequence, reason: str, flush: bool = False) -> None:
+        """End `seq` with `reason` and tell its listener; `flush` hands out the text held back."""
         if flush and seq.stream is not None:  # what was held back is final now
             self._emit(seq, seq.stream.update(seq.out, final=True)[0])
         seq.finish_reason = reason
