@@ -1,6 +1,7 @@
 """The decoder: pre-norm blocks of attention and FFN/MoE, the LM head, parameter counts and FLOPs."""
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -12,7 +13,7 @@ from dsmoe.config import Config
 from dsmoe.model.attention import RMSNorm, RotaryCache, build_attention
 from dsmoe.model.dispatch import Dispatcher
 from dsmoe.model.loss import chunked_cross_entropy
-from dsmoe.model.moe import MoE, SwiGLU, run_here
+from dsmoe.model.moe import GroupedExperts, MoE, SwiGLU, run_here
 
 
 class Block(nn.Module):
@@ -70,34 +71,51 @@ class Transformer(nn.Module):
             for i in range(cfg.model.n_layers))
         self.norm = RMSNorm(d, cfg.model.norm_eps)
         self.output = nn.Linear(d, self.vocab_size, bias=False)
-        if cfg.model.tie_embeddings:
-            self.output.weight = self.tok_embeddings.weight
+        self.tie_weights()
         self.moe_layer_ids = [i for i in range(cfg.model.n_layers) if cfg.is_moe_layer(i)]
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 
+    def tie_weights(self) -> None:
+        """Share the embedding with the output head (model.tie_embeddings); again after `to_empty`,
+        which gives each module a parameter of its own."""
+        if self.cfg.model.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
     @torch.no_grad()
-    def init_weights(self, seed: Optional[int] = None) -> None:
-        """std 0.02 normal; residual projections scaled by 1/sqrt(2*n_layers); norms 1; routing bias 0."""
-        if seed is not None:
-            torch.manual_seed(seed)
+    def init_weights(self, seed: Optional[int] = None,
+                     place: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None) -> None:
+        """Normal(0, init_std) matrices, residual projections (wo, w_down) scaled by 1/sqrt(2 n_layers)
+        (GPT-2 §2.3), norms 1, routing bias 0.
+
+        Each parameter is drawn from its own CPU generator seeded by (seed, name), and each routed
+        expert by (seed, name, global expert index), so the weights are a function of the config and
+        seed alone: equal whatever world size, ep, DDP or FSDP2 built the model, and a rank draws only
+        the experts it holds. `place(param, whole)` puts the whole tensor (for a routed-expert stack:
+        this module's experts) into the parameter; FSDP passes one that keeps the local shard.
+        Default seed: train.seed."""
+        seed = self.cfg.train.seed if seed is None else seed
+        place = place or (lambda param, whole: param.copy_(whole))
         std = self.cfg.model.init_std
         resid_std = std / math.sqrt(2 * self.cfg.model.n_layers)
-        for name, module in self.named_modules():
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, 0.0, resid_std if getattr(module, "is_residual_proj", False) else std)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, 0.0, std)
-            elif isinstance(module, RMSNorm):
-                nn.init.ones_(module.weight)
-            elif isinstance(module, RotaryCache):
+        owners = {f"{m}.{n}" if m else n: mod for m, mod in self.named_modules() for n, _ in mod.named_parameters(
+            recurse=False)}
+        for module in self.modules():
+            if isinstance(module, RotaryCache):
                 module.reset()
             elif isinstance(module, MoE):
-                nn.init.normal_(module.router.weight, 0.0, std)
                 module.router.expert_bias.zero_()
-                ex = module.experts
-                for w, w_std in ((ex.w_gate, std), (ex.w_up, std), (ex.w_down, resid_std)):
-                    _init_expert_slice(w, w_std, ex.first, ex.n_total)
+        for name, param in self.named_parameters():
+            module = owners[name]
+            if isinstance(module, RMSNorm):
+                place(param, torch.ones(param.shape))
+            elif isinstance(module, GroupedExperts):
+                w_std = resid_std if name.endswith("w_down") else std
+                rows = [_normal(param.shape[1:], w_std, seed, name, module.first + e) for e in range(param.shape[0])]
+                place(param, torch.stack(rows))
+            else:
+                residual = getattr(module, "is_residual_proj", False)
+                place(param, _normal(param.shape, resid_std if residual else std, seed, name))
 
     def forward(self, idx_BS: torch.Tensor, targets_BS: Optional[torch.Tensor] = None,
                 block_fn: Optional[Callable] = None) -> ModelOutput:
@@ -143,17 +161,11 @@ class Transformer(nn.Module):
         return torch.cat([idx_BS, out[:, -max_new_tokens:]], dim=1)
 
 
-def _init_expert_slice(w: torch.Tensor, std: float, first: int, n_total: int) -> None:
-    """Draw the whole [n_total, ...] stack, as one process would, and keep this slice's rows.
-
-    Every rank then consumes the single-process RNG stream, so an expert-parallel model starts equal
-    to the single-process one; only one full expert tensor exists at a time."""
-    if w.shape[0] == n_total:
-        nn.init.normal_(w, 0.0, std)
-        return
-    full = torch.empty((n_total, *w.shape[1:]), dtype=w.dtype, device=w.device)
-    nn.init.normal_(full, 0.0, std)
-    w.copy_(full[first:first + w.shape[0]])
+def _normal(shape, std: float, seed: int, name: str, index: int = -1) -> torch.Tensor:
+    """Normal(0, std) of `shape` (fp32, CPU) from a generator seeded by (seed, name, index) alone."""
+    digest = hashlib.sha256(f"{seed}/{name}/{index}".encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+    return torch.empty(tuple(shape)).normal_(0.0, std, generator=generator)
 
 
 # ----------------------------------------------------------------------------- counts

@@ -83,6 +83,12 @@ def shard_like(value: torch.Tensor, like) -> torch.Tensor:
     return value
 
 
+@torch.no_grad()
+def place_shard(param: torch.Tensor, whole: torch.Tensor) -> None:
+    """Copy this rank's shard of a whole (single-process shaped) tensor into an FSDP parameter."""
+    local(param).copy_(local(shard_like(whole, param)))
+
+
 def grad_norm_sets(model: torch.nn.Module, replicate: int, expert_names: set[str]) -> list[tuple]:
     """(params, group) sets for `clip_grad_norm` over sharded gradients: each set's squared norm of the
     local shards is summed over its group. Expert shards are disjoint over the whole world (edp shards x

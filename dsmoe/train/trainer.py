@@ -22,7 +22,7 @@ from dsmoe.model import Transformer, flops_per_token, param_breakdown, update_ex
 from dsmoe.params import fmt_count
 from dsmoe.parallel.dispatch import make_dispatcher
 from dsmoe.parallel.expert_state import ExpertShards, is_expert_param
-from dsmoe.parallel.fsdp import apply_fsdp, grad_norm_sets, optional_no_sync
+from dsmoe.parallel.fsdp import apply_fsdp, grad_norm_sets, optional_no_sync, place_shard
 from dsmoe.parallel.mesh import Mesh, init_mesh, missing_ranks, set_timeout
 from dsmoe.parallel.wrap import block_fn_for, wrap_ddp
 from dsmoe.train import run_dir as rundir
@@ -54,11 +54,17 @@ class Trainer:
                               f"{self.tokenizer.vocab_size} ({cfg.data.tokenizer}): raise it or set it to null")
         self._load_data()
 
-        torch.manual_seed(t.seed)  # same init on every rank
-        self.model = self._build_model().to(self.device)
+        # built on the meta device, sharded, then each rank materialises and initialises only what it
+        # holds (its experts, its FSDP shards); the weights depend on config and seed alone
+        with torch.device("meta"):
+            self.model = self._build_model()
         self.fsdp = cfg.parallel.dp == "fsdp" and self.mesh.distributed
         if self.fsdp:  # first: sharding replaces the parameters
             apply_fsdp(self.model, self.mesh, cfg.parallel, self.precision)
+        self.model.to_empty(device=self.device)
+        self.model.tie_weights()
+        self.model.init_weights(t.seed, place=place_shard if self.fsdp else None)
+        torch.manual_seed(t.seed)  # the RNG stream after init (sampling, dropout-free training) is layout-free
         # expert parallelism: routed-expert shards stay out of DDP and are reduced over edp only
         self.experts = None
         if self.mesh.ep > 1 and any(is_expert_param(n) for n, _ in self.model.named_parameters()):
@@ -116,8 +122,8 @@ class Trainer:
         return decide(self.mesh, on_rank0)
 
     def _build_model(self) -> Transformer:
-        """The model on the CPU; under parallel.ep > 1 each MoE layer holds only this EP rank's experts
-        (expert e on EP rank e // (E / ep)), initialised equal to the single-process model's rows."""
+        """Under parallel.ep > 1 each MoE layer holds only this EP rank's experts (expert e on EP rank
+        e // (E / ep)), initialised equal to the single-process model's rows."""
         if self.mesh.ep == 1:
             return Transformer(self.cfg, self.vocab_size)
         E, drops = self.cfg.moe.n_routed_experts, self.cfg.moe.capacity_factor is not None
