@@ -24,7 +24,7 @@ def _bpe_spec(name: str) -> tuple[dict[bytes, int], str, dict[str, int], str]:
     """(merge ranks, pre-tokenizer split pattern, special tokens, end-of-text text) of a dsmoe tokenizer."""
     tok = get_tokenizer(name)
     if name == "byte":
-        return {bytes([b]): b for b in range(256)}, r"\S+|\s+", {EOT_TEXT: tok.eot_id}, EOT_TEXT
+        return {bytes([b]): b for b in range(256)}, r"[\s\S]", {EOT_TEXT: tok.eot_id}, EOT_TEXT
     enc = tok._encoding  # the tiktoken.Encoding dsmoe built (offline where the files ship in a package)
     specials = dict(enc._special_tokens)
     eot = next(text for text, i in specials.items() if i == tok.eot_id)
@@ -42,6 +42,12 @@ def hf_tokenizer(name: str, model_max_length: int):
         # the stock path reads a .tiktoken file, and writing one needs the blobfile package: hand it the ranks
         def load_tiktoken_bpe(self, _path):
             return ranks
+
+        # the stock converter numbers special tokens on from the last rank, but cl100k_base's sit past a gap
+        # (<|endoftext|> = 100257 after 100256 ranks): placed in the vocabulary, they keep their ids
+        def extract_vocab_merges_from_model(self, path):
+            vocab, merges = super().extract_vocab_merges_from_model(path)
+            return {**vocab, **specials}, merges
 
     backend = RanksConverter(pattern=pattern, extra_special_tokens=specials).converted()
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eot, split_special_tokens=True,
