@@ -42,7 +42,8 @@ if str(REPO_ROOT) not in sys.path:
 
 from benchmarks.common import device_name, print_table, time_fn, write_results  # noqa: E402
 from dsmoe.config import CONFIG_ROOT, load_config  # noqa: E402
-from dsmoe.metrics.memory import measure_saved_activation_bytes, vocab_size_of  # noqa: E402
+from dsmoe.metrics.memory import measure_saved_activation_bytes  # noqa: E402
+from dsmoe.tools.model import vocab_size_of  # noqa: E402
 from dsmoe.model.transformer import Transformer  # noqa: E402
 from dsmoe.parallel.wrap import block_fn_for  # noqa: E402
 

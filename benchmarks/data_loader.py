@@ -141,7 +141,7 @@ def bench_training(steps: int, seq: int = 128, micro_batch: int = 8) -> dict:
     """Tokens/s of a tiny-preset training step: forward + backward + AdamW, fp32 on the CPU."""
     from dsmoe.config import load_config
     from dsmoe.data import TokenBatches, ensure_prepared, load_prepared
-    from dsmoe.metrics.memory import vocab_size_of
+    from dsmoe.tools.model import vocab_size_of
     from dsmoe.model.transformer import Transformer
     from dsmoe.train.optim import build_optimizer
 

@@ -9,7 +9,7 @@ Training modes (each a real `dsmoe.train.trainer.Trainer` run through `fit()`, s
 are the trainer's own logged figures; the first log interval holds the warm-up and is left out):
 
 - eager: bf16 autocast (fp32 on the CPU). Its peak CUDA memory is compared with
-  `dsmoe.metrics.memory.estimate_memory`, and the activation bytes one forward keeps (measured by
+  `dsmoe.tools.memory.estimate_memory`, and the activation bytes one forward keeps (measured by
   `measure_saved_activation_bytes`) with the estimator's activation term.
 - fp16: fp16 autocast + GradScaler, what a T4 runs (overflow-skipped steps are counted).
 - fp8: torchao float8 training of the nn.Linear layers (cast per tensor; `train.fp8` when the config has
@@ -120,8 +120,9 @@ def run_training(cfg, prepare: Optional[Callable] = None) -> dict:
 
 
 def memory_vs_estimate(cfg, trainer, result: dict) -> dict:
-    """Measured peak memory (CUDA) and saved-activation bytes against dsmoe.metrics.memory.estimate_memory."""
-    from dsmoe.metrics.memory import estimate_memory, measure_saved_activation_bytes
+    """Measured peak memory (CUDA) and saved-activation bytes against dsmoe.tools.memory.estimate_memory."""
+    from dsmoe.metrics.memory import measure_saved_activation_bytes
+    from dsmoe.tools.memory import estimate_memory
     from dsmoe.train.precision import autocast
 
     device = "cuda" if cfg.train.device.startswith("cuda") else "cpu"

@@ -152,7 +152,7 @@ def make_cfg(preset: str, layers: int | None, seq: int, batch: int, device: str,
 
 
 def vocab_of(cfg: Config) -> int:
-    from dsmoe.metrics.memory import vocab_size_of
+    from dsmoe.tools.model import vocab_size_of
 
     return vocab_size_of(cfg)
 

@@ -16,7 +16,7 @@ sampling and the final checkpoint off and a log row every step, into a temporary
 OMP_NUM_THREADS=1 per rank under torchrun. From RUN_DIR/metrics.jsonl (rank 0's rows) it reports the
 median tokens/s over the steps after the first `--skip` warm-up steps, the median phase split
 (data / forward / backward / optimizer ms) and RSS; the persistent memory per rank (fp32 params +
-grads + AdamW moments) comes from `dsmoe.metrics.memory.estimate_memory(cfg, world, ep, "cpu")`
+grads + AdamW moments) comes from `dsmoe.tools.memory.estimate_memory(cfg, world, ep, "cpu")`
 (benchmarks/memory_layouts.py measures it). Table with rich; JSON to
 benchmarks/results/train_throughput-<device>-<date>.json (train_throughput-quick-... for --quick).
 """
@@ -38,7 +38,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from benchmarks.common import device_name, print_table, write_results  # noqa: E402
 from dsmoe.config import load_config  # noqa: E402
-from dsmoe.metrics.memory import estimate_memory  # noqa: E402
+from dsmoe.tools.memory import estimate_memory  # noqa: E402
 
 CONFIG = REPO_ROOT / "configs" / "runs" / "tiny-shakespeare.yaml"
 PHASES = ("data_ms", "forward_ms", "backward_ms", "optimizer_ms")

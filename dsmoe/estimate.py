@@ -12,7 +12,7 @@ checkpointing policy; then whether it fits the GPU with 10% headroom (CUDA conte
 fragmentation) and, when it does not, the changes that would make it fit. The GPU's memory comes
 from --gpu-mem-gb or from the hardware profile's name (GPU_MEMORY_MIB). Exit status: 0 fits,
 1 does not fit (or no budget known), 2 config error. How each number is derived:
-dsmoe/metrics/memory.py.
+dsmoe/tools/memory.py.
 """
 from __future__ import annotations
 
@@ -25,9 +25,9 @@ from typing import Optional
 import yaml
 
 from dsmoe.config import Config, ConfigError, load_config
-from dsmoe.metrics.memory import GiB, estimate_memory, measure_saved_activation_bytes
+from dsmoe.tools.memory import GiB, estimate_memory
 
-__all__ = ["estimate_memory", "measure_saved_activation_bytes", "format_estimate", "verdict", "suggest",
+__all__ = ["estimate_memory", "format_estimate", "verdict", "suggest",
            "memory_budget", "GPU_MEMORY_MIB", "PROFILES", "main"]
 
 HEADROOM = 0.10  # kept free for the CUDA context, NCCL buffers and allocator fragmentation
@@ -132,7 +132,7 @@ def format_estimate(est: dict, title: str = "", budget: Optional[tuple[float, st
     """A rich Table of the estimate (one rank)."""
     from rich.table import Table
 
-    from dsmoe.params import fmt_count
+    from dsmoe.tools.model import fmt_count
 
     prec = "fp32" if est["precision_bytes"] == 4 else "bf16/fp16 autocast"
     table = Table(title=f"{title}: {est['device']}, {prec}, world {est['world']}, ep {est['ep']}, "

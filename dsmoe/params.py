@@ -8,29 +8,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch
+from dsmoe.config import CONFIG_ROOT, ConfigError, dump_yaml, load_config
+from dsmoe.model.transformer import CATEGORIES
+from dsmoe.tools.model import breakdown, fmt_count
 
-from dsmoe.config import CONFIG_ROOT, Config, ConfigError, dump_yaml, load_config
-from dsmoe.model.transformer import CATEGORIES, Transformer, flops_per_token, param_breakdown
-
-BYTE_VOCAB_PADDED = 320  # the byte tokenizer's 257 symbols padded to a multiple of 64
-
-
-def meta_model(cfg: Config) -> Transformer:
-    with torch.device("meta"):
-        return Transformer(cfg, vocab_size=cfg.model.vocab_size or BYTE_VOCAB_PADDED)
-
-
-def breakdown(cfg: Config) -> dict:
-    model = meta_model(cfg)
-    return {**param_breakdown(model), "flops_per_token": flops_per_token(model, cfg.train.seq_len)}
-
-
-def fmt_count(n: float) -> str:
-    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return str(int(n))
+__all__ = ["breakdown", "breakdown_table", "fmt_count", "main"]
 
 
 def breakdown_table(name: str, b: dict):

@@ -5,9 +5,9 @@ from typing import Optional
 
 from dsmoe.config import Config, ConfigError
 from dsmoe.estimate import PROFILES, format_estimate, memory_budget, profile_of, suggest, verdict
-from dsmoe.metrics.memory import estimate_memory
 from dsmoe.metrics.logger import fmt_tokens
-from dsmoe.params import breakdown, fmt_count
+from dsmoe.tools.memory import estimate_memory
+from dsmoe.tools.model import breakdown, fmt_count
 
 
 def print_plan(cfg: Config, world: int, config_path: Optional[str] = None) -> bool:
