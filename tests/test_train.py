@@ -140,3 +140,22 @@ def test_command_line_train_then_generate(tmp_path, data_cache):
     missing = subprocess.run(cmd + ["--resume", str(tmp_path / "missing.pt")], capture_output=True, text=True,
                              timeout=120)
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+def test_a_step_that_does_not_log_syncs_the_host_once(tmp_path, data_cache, monkeypatch):
+    """The guard's verdict is the one device-to-host copy of a step: no .item(), .tolist() or tensor
+    bool() elsewhere (fp16 overflow, the stop request and the expert counts ride in the same collective)."""
+    for precision in ("fp32", "fp16"):
+        t = Trainer(small_config(tmp_path / precision, data_cache, f"--train.precision={precision}",
+                                 "--guard.spike_zscore=4"))
+        t.train_step()  # warm-up: lazy initialisation may sync
+        calls = []
+        for name in ("item", "tolist", "__bool__"):
+            original = getattr(torch.Tensor, name)
+            monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _o=original, _n=name, **k: (calls.append(_n),
+                                                                                                   _o(self, *a, **k))[1])
+        for _ in range(2):
+            calls.clear()
+            t.train_step()
+            assert calls == ["tolist"], (precision, calls)
+        monkeypatch.undo()

@@ -91,6 +91,7 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = doc("auto", "auto: bf16 on sm_80+, fp16+GradScaler on T4, fp32 on CPU")
     device: str = doc("auto", "auto, cpu, cuda or cuda:N")
     seed: int = doc(1337, "seed for init, data order and sampling")
+    compile: bool = doc(False, "torch.compile each transformer block (regional compilation)")
     threads: int = doc(0, "intra-op CPU threads per process; 0 = cores / processes on this machine "
                           "(OMP_NUM_THREADS wins)")
     log_every: int = doc(10, "optimizer steps between console/metrics lines")
@@ -146,6 +147,10 @@ class LogConfig:
     rich: Literal["auto", "on", "off"] = doc("auto", "rich console: auto = only when stdout is a terminal")
     expert_stats: bool = doc(True, "log per-expert token counts and imbalance")
     peak_tflops: Optional[float] = doc(None, "the device's peak TFLOP/s for MFU; null = the built-in table")
+    tensorboard: bool = doc(False, "also write TensorBoard event files to RUN_DIR/tensorboard (pip install tensorboard)")
+    wandb: Literal["off", "on", "online", "offline", "disabled"] = doc(
+        "off", "also log to Weights & Biases: on (its own mode choice), online, offline (no network) or off")
+    wandb_project: str = doc("dsmoe", "W&B project; the run is named after run.dir")
 
 
 @dataclass

@@ -17,6 +17,7 @@ from dsmoe.config import Config, ConfigError, dump_yaml
 from dsmoe.data import TokenBatches, ensure_prepared, get_tokenizer, load_prepared, padded_vocab_size, val_batches
 from dsmoe.metrics.logger import RunLogger, fmt_tokens
 from dsmoe.metrics.row import log_row
+from dsmoe.metrics.trackers import Trackers
 from dsmoe.metrics.throughput import StepTimer, device_label, peak_tflops
 from dsmoe.model import Transformer, flops_per_token, param_breakdown, update_expert_bias
 from dsmoe.params import fmt_count
@@ -24,12 +25,13 @@ from dsmoe.parallel.dispatch import make_dispatcher
 from dsmoe.parallel.expert_state import ExpertShards, is_expert_param
 from dsmoe.parallel.fsdp import apply_fsdp, grad_norm_sets, optional_no_sync, place_shard
 from dsmoe.parallel.mesh import Mesh, init_mesh, missing_ranks, set_timeout
-from dsmoe.parallel.wrap import block_fn_for, wrap_ddp
+from dsmoe.parallel.wrap import block_fn_for, compile_blocks, wrap_ddp
 from dsmoe.train import run_dir as rundir
 from dsmoe.train.checkpoint import is_sharded, peek, resolve_resume
 from dsmoe.train.faults import FaultInjector
 from dsmoe.train.guard import Guard, GuardPolicy, params_all_finite
 from dsmoe.train.optim import build_optimizer, clip_grad_norm
+from dsmoe.train.prefetch import Prefetcher
 from dsmoe.train.precision import autocast, grad_scaler, resolve_precision
 from dsmoe.train.sharded_checkpoint import ShardedState, load_meta
 from dsmoe.train.signals import StopRequest
@@ -99,6 +101,8 @@ class Trainer:
         self.schedule_change = self.schedule.extend(self.progress.sched_step)
         self.lineage = self._claim(write=True)
         self.wrapped = self.model if self.fsdp else wrap_ddp(self.model, self.mesh, cfg.parallel, ignore=expert_names)
+        if t.compile:
+            compile_blocks(self.wrapped)
         self.samples_per_micro_step = self.mesh.world * t.micro_batch
         self.tokens_per_step = self.samples_per_micro_step * t.grad_accum * t.seq_len
         self.flops_per_token = flops_per_token(self.model, t.seq_len)
@@ -141,6 +145,7 @@ class Trainer:
             data_dir = ensure_prepared(d.source, d.tokenizer, cache_root=d.cache_dir, **options)
         self.data_meta, train_tokens, val_tokens = load_prepared(data_dir)
         self.batches = TokenBatches(train_tokens, t.seq_len, t.micro_batch, rank=m.rank, world=m.world, seed=t.seed)
+        self.prefetcher = Prefetcher(self.batches.rows, self.device)
         self.val, self.val_counted = [], 0
         if t.eval_every and len(val_tokens) > t.seq_len + 1:
             all_val = val_batches(val_tokens, t.seq_len, t.micro_batch, t.eval_batches)
@@ -157,10 +162,10 @@ class Trainer:
     def autocast(self):
         return autocast(self.precision, self.device)
 
-    def batch_at(self, first_sample: int):
-        """This rank's micro-batch of the global micro-step that starts at sample `first_sample`."""
-        x, y = self.batches.rows(first_sample)
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+    def batch_at(self, first_sample: int, prefetch_next: bool = False):
+        """This rank's micro-batch of the global micro-step that starts at sample `first_sample` (on the
+        device); with prefetch_next, the following micro-step's is built meanwhile."""
+        return self.prefetcher.get(first_sample, first_sample + self.samples_per_micro_step if prefetch_next else None)
 
     def params_finite_everywhere(self) -> bool:
         ok = params_all_finite(self.model).float()
@@ -184,7 +189,7 @@ class Trainer:
         counts = dropped = None
         for micro in range(t.grad_accum):
             with self.timer.phase("data"):
-                x, y = self.batch_at(p.samples)
+                x, y = self.batch_at(p.samples, prefetch_next=True)
             p.samples += self.samples_per_micro_step
             last = micro == t.grad_accum - 1
             # gradients are reduced once per optimizer step, on the last micro-batch
@@ -304,6 +309,10 @@ class Trainer:
         cfg, t, p = self.cfg, self.cfg.train, self.progress
         end = min(t.steps, t.stop_after) if t.stop_after is not None else t.steps
         log = self.log = RunLogger(self.run_dir, self.mesh.rank, t.steps, cfg.log.rich, start_step=p.step)
+        wandb = {"off": False, "on": True}.get(cfg.log.wandb, cfg.log.wandb)
+        self.trackers = Trackers(self.run_dir, tensorboard=cfg.log.tensorboard, wandb=wandb,
+                                 project=cfg.log.wandb_project, run_name=self.run_dir.name, config=cfg.to_dict(),
+                                 rank=self.mesh.rank)
         if self.mesh.is_main:
             (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
         log.header(self.header())
@@ -324,6 +333,7 @@ class Trainer:
                         row = log_row(self, stats, interval["steps"], interval["seconds"])
                         history.append(row)
                         log.log(row)
+                        self.trackers.log_row(row)
                         interval = {"steps": 0, "seconds": 0.0}
                     if stats["stop"]:
                         stopped = self.stop.signal_name or "a stop request on another rank"
@@ -340,6 +350,7 @@ class Trainer:
                               f"with --parallel.ep, or shard with launch/train_fsdp.py\n{e}") from e
         finally:
             log.close()
+            self.trackers.close()
         result = {"history": history, "step": p.step, "stopped": stopped, "checkpoint": saved,
                   "seconds": time.perf_counter() - began, "tokens": (p.step - started) * self.tokens_per_step}
         self.log = RunLogger(None, self.mesh.rank, 0, "off")
@@ -352,6 +363,7 @@ class Trainer:
             val = self.evaluate()
             if val:
                 self.log.log({"step": p.step, **val})
+                self.trackers.log_row({"step": p.step, **val})
                 history.append({"step": p.step, **val})
         # under expert parallelism or FSDP every rank samples (same generator seed, same lengths), since
         # each forward is a collective; rank 0 writes
@@ -360,6 +372,7 @@ class Trainer:
             samples = self.sample()
             if self.mesh.is_main:
                 self._write_samples(samples)
+                self.trackers.log_samples(p.step, samples)
 
     def _guarded_step(self) -> dict:
         """A train step whose collective timeouts name the step and the ranks that stopped answering."""
