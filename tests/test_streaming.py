@@ -282,3 +282,25 @@ def test_bad_arguments(corpus, tmp_path):
         StreamingBatches("hf:parquet", "byte", SEQ, MICRO)
     with pytest.raises(ValueError, match="unknown tokenizer"):
         StreamingBatches("hf:parquet", "bpe", SEQ, MICRO, data_files=corpus["parquet"])
+
+
+# ----------------------------------------------------------------------------- run configs
+
+
+def test_corpus_run_configs():
+    from dsmoe.config import load_yaml_tree
+    from dsmoe.config.schema import CONFIG_ROOT
+
+    cosmo = load_yaml_tree(CONFIG_ROOT / "runs" / "cosmopedia-smollm2.yaml")
+    assert (cosmo["model"]["name"], cosmo["model"]["d_model"], cosmo["model"]["n_layers"]) == ("smollm2-moe-576x30", 576, 30)
+    t = cosmo["train"]
+    assert (t["beta1"], t["beta2"], t["lr"], t["warmup_steps"], t["weight_decay"], t["grad_clip"], t["precision"],
+            t["seq_len"]) == (0.9, 0.95, 3e-3, 2000, 0.01, 1.0, "bf16", 2048)
+    assert cosmo["data"]["source"] == "hf:HuggingFaceTB/smollm-corpus" and cosmo["data"]["hf_config"] == "cosmopedia-v2"
+    assert cosmo["data"]["streaming"] is True
+    wiki = load_yaml_tree(CONFIG_ROOT / "runs" / "wikitext103-moe512.yaml")
+    assert wiki["model"]["name"] == "moe-512x8" and wiki["data"]["tokenizer"] == "tiktoken:gpt2"
+    assert (wiki["data"]["hf_config"], wiki["data"]["val_split"], wiki["data"]["streaming"]) == \
+        ("wikitext-103-raw-v1", "validation", True)
+    for tree in (cosmo, wiki):  # the tokenizer fits the embedding
+        assert get_tokenizer(tree["data"]["tokenizer"]).vocab_size <= tree["model"]["vocab_size"]
