@@ -110,7 +110,9 @@ def _resolve_named(kind: str, name: str, relative_to: Path | None) -> Path:
         if c.is_file():
             return c
     known = sorted(p.stem for p in (CONFIG_ROOT / kind).glob("*.yaml"))
-    raise ConfigError(f"{kind} '{name}' not found; known: {', '.join(known)}.{_near(name, known)}")
+    what = {"models": "preset", "hardware": "hardware profile"}[kind]
+    raise ConfigError(f"{what} '{name}' not found (a file, or a name in {CONFIG_ROOT / kind}); known {what}s: "
+                      f"{', '.join(known)}.{_near(name, known)}")
 
 
 def load_yaml_tree(path: str | Path) -> dict:

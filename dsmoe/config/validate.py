@@ -13,12 +13,12 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise ConfigError(msg)
 
-    for section in (m, t):
+    for name, section in (("model", m), ("train", t)):
         for f in dataclasses.fields(section):
             v = getattr(section, f.name)
             if f.name in ("d_model", "n_layers", "n_heads", "ffn_hidden", "max_seq_len", "steps",
                           "micro_batch", "grad_accum", "seq_len"):
-                need(v > 0, f"{f.name} must be positive, got {v}")
+                need(v > 0, f"{name}.{f.name} must be positive, got {v}")
     if a.kind == "gqa":
         if a.head_dim is None:
             need(m.d_model % m.n_heads == 0,

@@ -192,10 +192,9 @@ def check_compatible(state: dict, model_sections: dict, model_state: dict, path:
     unexpected = sorted(set(ckpt_tensors) - set(model_state))
     if changed or mismatched or missing or unexpected:
         lines = [f"checkpoint '{path}' belongs to another model:"]
-        lines += [f"  config changed  {c}" for c in changed]
-        lines += [f"  shape mismatch  {m}" for m in mismatched[:20]]
-        lines += [f"  missing tensor  {m}" for m in missing[:20]]
-        lines += [f"  extra tensor    {u}" for u in unexpected[:20]]
-        lines.append("  fix: resume with the config the checkpoint was trained with (stored in it), "
-                     "or start a fresh run in another run.dir")
+        lines += [f"  config changed  {c}" for c in changed[:8]] + (["  ..."] if len(changed) > 8 else [])
+        tensors = [(mismatched, "with another shape"), (missing, "missing"), (unexpected, "not in this model")]
+        lines += [f"  {len(items)} tensors {what}, e.g. {items[0]}" for items, what in tensors if items]
+        lines.append("  fix: resume with the config the checkpoint was trained with (omit --config: it is stored "
+                     "in the checkpoint), or start a fresh run in another run.dir")
         raise CheckpointError("\n".join(lines))
