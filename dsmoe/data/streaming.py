@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+import weakref
 from collections import deque
 from concurrent.futures import Future
 from typing import Any, Mapping
@@ -198,6 +199,9 @@ class StreamingBatches:
         self.pool = EncodePool(tokenizer, workers)
         self.empty_streams: list[int] = []
         self._streams: list[_DocStream] = []
+        # Close the open shards and workers at exit if the owner does not: before interpreter shutdown,
+        # while the readers' modules still exist (the list is refilled in place by _build_streams).
+        self._finalizer = weakref.finalize(self, _close, self._streams, self.pool)
         self._build_streams()
 
     @property
@@ -215,9 +219,9 @@ class StreamingBatches:
                           f"them at unequal rates (no document is skipped or repeated)", stacklevel=3)
         for stream in self._streams:
             stream.close()
-        self._streams = [_DocStream(s, self.source, self.pool, seed=f["seed"], block_rows=f["shuffle_buffer"],
-                                    skip_rows=f["held_out"] if s == 0 else 0)
-                         for s in range(self.rank, S, self.world)]
+        self._streams[:] = [_DocStream(s, self.source, self.pool, seed=f["seed"], block_rows=f["shuffle_buffer"],
+                                       skip_rows=f["held_out"] if s == 0 else 0)
+                            for s in range(self.rank, S, self.world)]
         self._live = list(self._streams)
 
     def __iter__(self) -> "StreamingBatches":
@@ -294,15 +298,19 @@ class StreamingBatches:
 
     def close(self) -> None:
         """Stop the tokenizer workers and close the open shards."""
-        for stream in self._streams:
-            stream.close()
-        self.pool.close()
+        self._finalizer()
 
     def __enter__(self) -> "StreamingBatches":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _close(streams: list[_DocStream], pool: EncodePool) -> None:
+    for stream in streams:
+        stream.close()
+    pool.close()
 
 
 def merge_stream_states(states: list[Mapping[str, Any]]) -> dict:
