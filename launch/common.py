@@ -24,11 +24,25 @@ WORLD = int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def say_error(text: str, agreed: bool = True) -> None:
-    """One clean message: rank 0's for errors every rank meets alike, else each failing rank's, prefixed."""
+    """One clean message: rank 0's for errors every rank meets alike, else each failing rank's, prefixed.
+    Under torchrun it also goes to the worker's error file, so torchrun's failure summary quotes it
+    instead of a traceback (torchrun still prints its own ChildFailedError epilogue)."""
     if agreed and RANK != 0:
+        import time
+
+        time.sleep(3)  # torchrun stops every rank once one exits: let rank 0 say it first
         return
     prefix = f"[rank {RANK}] " if WORLD > 1 and not agreed else ""
     print(f"{prefix}error: {text}", file=sys.stderr, flush=True)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file and not os.path.exists(error_file):
+        import json
+        import time
+
+        with open(error_file, "w") as f:  # the format torch.distributed.elastic's error handler writes
+            json.dump({"message": {"message": f"{prefix}{text}",  # torchrun's summary shows py_callstack
+                                   "extraInfo": {"py_callstack": f"{prefix}error: {text}",
+                                                 "timestamp": str(int(time.time()))}}}, f)
 
 
 def parse_args(argv: list[str], description: str):
