@@ -190,6 +190,13 @@ def md_loader(res: dict) -> list[str]:
     rows = [[r["tokenizer"], r["seq_len"], r["micro_batch"], _f(r["us_per_batch"], ",.1f"),
              _f(r["tokens_per_s"] / 1e6, ",.1f"), _f(r["ratio_vs_training"], ",.0f")] for r in loader[:4]]
     out += _table(["tokenizer (slowest 4)", "seq", "batch", "us/batch", "M tokens/s", "x training"], rows)
+    h100 = res.get("h100_consumption") or {}
+    if res.get("streaming"):
+        out += ["", f"streaming (hf:parquet stand-in, seq 2048 x 8) vs one H100 training {h100.get('preset')} at "
+                    f"40% MFU: {_f(h100.get('tokens_per_s'), ',.0f')} tokens/s", ""]
+        out += _table(["tokenizer", "workers", "tokens/s", "x H100 training"],
+                      [[r["tokenizer"], f"{r['workers']}{' (oversubscribed)' if r.get('oversubscribed') else ''}",
+                        _f(r["tokens_per_s"], ",.0f"), _f(r["ratio_vs_h100"], ".1f")] for r in res["streaming"]])
     return out + _goals(res)
 
 
