@@ -79,7 +79,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--stream-workers", type=int, nargs="+", default=[1, 2, 4], help="streaming tokenizer processes")
     p.add_argument("--stream-batches", type=int, default=None,
-                   help="streaming batches of 8 x 2048 per timed run (default 128; 64 --quick)")
+                   help="streaming batches of 8 x 2048 per timed run (default 128; 32 --quick)")
     p.add_argument("--quick", action="store_true", help="fewer batches, steps and repeats: under a minute")
     p.add_argument("--no-save", action="store_true", help="print the tables only, write no JSON")
     args = p.parse_args(argv)
@@ -88,7 +88,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.iters = args.iters or (3 if args.quick else 5)
     args.train_steps = args.train_steps or (4 if args.quick else 10)
     args.prepare_repeats = args.prepare_repeats or (1 if args.quick else 3)
-    args.stream_batches = args.stream_batches or (64 if args.quick else 128)
+    args.stream_batches = args.stream_batches or (32 if args.quick else 128)
     return args
 
 
