@@ -3,12 +3,13 @@
 Each part function returns a JSON-able dict (or, for `train`, one per training mode, each written by the
 caller as soon as it is done). Shapes: on a GPU the `smollm2-moe-576x30` preset at seq 2048 x micro-batch
 8 in bf16 (45 GiB by `python -m dsmoe.estimate`, so it fits an 80 GB H100); with `--cpu` the tiny preset
-cut to d 64 x 3 layers at 4 x 32 tokens, fp32, so the whole suite runs in under a minute on two cores.
+cut to d 64 x 3 layers at 4 x 32 tokens, bf16 as on the GPU (torch's grouped_mm compiles only in bf16), so the
+whole suite runs in about a minute on two cores.
 
 Training modes (each a real `dsmoe.train.trainer.Trainer` run through `fit()`, so tokens/s, MFU and memory
 are the trainer's own logged figures; the first log interval holds the warm-up and is left out):
 
-- eager: bf16 autocast (fp32 on the CPU). Its peak CUDA memory is compared with
+- eager: bf16 autocast. Its peak CUDA memory is compared with
   `dsmoe.tools.memory.estimate_memory`, and the activation bytes one forward keeps (measured by
   `measure_saved_activation_bytes`) with the estimator's activation term.
 - fp16: fp16 autocast + GradScaler, what a T4 runs (overflow-skipped steps are counted).
@@ -46,7 +47,7 @@ MODES = ("eager", "fp16", "fp8", "compiled")
 SHAPES = {
     "gpu": {"config": "smollm2-moe-576x30", "overrides": {}, "seq_len": 2048, "micro_batch": 8,
             "steps": 25, "log_every": 5, "precision": "bf16"},
-    "cpu": {"config": "tiny", "seq_len": 32, "micro_batch": 4, "steps": 6, "log_every": 2, "precision": "fp32",
+    "cpu": {"config": "tiny", "seq_len": 32, "micro_batch": 4, "steps": 4, "log_every": 2, "precision": "bf16",
             "overrides": {"model": {"d_model": 64, "n_layers": 3, "n_heads": 2, "ffn_hidden": 128},
                           "moe": {"expert_hidden": 32, "n_routed_experts": 4},
                           "attention": {"kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8,
@@ -142,18 +143,16 @@ def memory_vs_estimate(cfg, trainer, result: dict) -> dict:
 
 
 def _compile(trainer, cpu: bool) -> str:
-    """Regional compilation of each transformer block (the config's train.compile was not available)."""
+    """Regional compilation of each transformer block, for a config without train.compile."""
     backend = "aot_eager" if cpu else "inductor"
     try:
         from dsmoe.parallel.wrap import compile_blocks
-    except ImportError:
-        compile_blocks = None
-    if compile_blocks is not None and not cpu:
-        compile_blocks(trainer.model)
-        return "dsmoe.parallel.wrap.compile_blocks"
-    for block in trainer.model.layers:
-        block.compile(backend=backend)
-    return f"block.compile(backend={backend!r}) per block"
+    except ImportError:  # a dsmoe without compile_blocks: the same per-block compilation here
+        for block in trainer.model.layers:
+            block.compile(backend=backend)
+        return f"block.compile(backend={backend!r}) per block"
+    compile_blocks(trainer.model, backend=backend)
+    return f"dsmoe.parallel.wrap.compile_blocks(backend={backend!r})"
 
 
 def _fp8(trainer) -> str:
@@ -259,7 +258,7 @@ def moe_layer(cpu: bool) -> dict:
     (benchmarks/moe_dispatch.py, both of its shapes on a GPU)."""
     from benchmarks import moe_dispatch
 
-    argv = (["--device", "cpu", "--dtype", "fp32", "--tokens", "256", "--iters", "2", "--warmup", "0",
+    argv = (["--device", "cpu", "--dtype", "fp32", "--tokens", "64", "--iters", "1", "--warmup", "0",
              "--shapes", "smollm2-moe-576x30"] if cpu else
             ["--device", "cuda", "--dtype", "bf16", "--tokens", "16384", "--iters", "20", "--warmup", "3"])
     return {"status": "ok", **moe_dispatch.run_single(moe_dispatch.parse_args(argv + ["--no-save"]))}

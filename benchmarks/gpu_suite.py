@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -60,6 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cpu", action="store_true", help="run on the CPU at tiny shapes (the test suite runs this)")
     p.add_argument("--only", nargs="+", choices=[k for k, *_ in PARTS], default=None, help="run only these parts")
     p.add_argument("--budget", type=float, default=None, help="seconds for all parts (default 450; 150 with --cpu)")
+    p.add_argument("--cap-scale", type=float, default=1.0,
+                   help="multiply every part's time cap (a slower or busy machine)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="where the JSON and markdown go")
     p.add_argument("--wheels", type=Path, default=None,
                    help="pip-install every wheel there (no deps, no index) into a temporary folder first "
@@ -99,7 +102,11 @@ def run_part(args) -> int:
                 save({mode: {"status": "skipped", "reason": f"out of time (part cap {args.cap:.0f} s)"}})
                 continue
             m0 = time.perf_counter()
-            save(gpu_parts.train_mode(mode, args.cpu, args.work))
+            try:
+                save(gpu_parts.train_mode(mode, args.cpu, args.work))
+            except Exception as e:  # noqa: BLE001 - recorded, and the next mode still runs
+                save({mode: {"status": "failed", "error": repr(e), "traceback": traceback.format_exc()[-3000:]}})
+                print(traceback.format_exc(), flush=True)
             last = time.perf_counter() - m0
     elif args.part == "moe_layer":
         save({"moe_layer": gpu_parts.moe_layer(args.cpu)})
@@ -187,11 +194,11 @@ def md_train(parts: dict) -> list[str]:
 
 
 def md_memory(res: dict) -> list[str]:
-    rows = [["activations kept by one forward", _f(res["measured_activations_gib"], ".2f"),
-             _f(res["estimate_activations_gib"], ".2f"), _f(res["activations_ratio"], ".3f")]]
+    rows = [["activations kept by one forward", _f(res["measured_activations_gib"], ".3g"),
+             _f(res["estimate_activations_gib"], ".3g"), _f(res["activations_ratio"], ".3f")]]
     if "measured_peak_gib" in res:
-        rows.insert(0, ["peak allocated in training", _f(res["measured_peak_gib"], ".2f"),
-                        _f(res["estimate_total_gib"], ".2f"), _f(res["peak_ratio"], ".3f")])
+        rows.insert(0, ["peak allocated in training", _f(res["measured_peak_gib"], ".3g"),
+                        _f(res["estimate_total_gib"], ".3g"), _f(res["peak_ratio"], ".3f")])
     return _table(["GiB", "measured", "estimate", "measured / estimate"], rows)
 
 
@@ -275,7 +282,7 @@ def main(argv=None) -> int:
             for rk in result_keys:
                 combined["parts"][rk] = {"status": "skipped", "reason": run["reason"]}
         else:
-            cap = min(cpu_cap if args.cpu else gpu_cap, left)
+            cap = min((cpu_cap if args.cpu else gpu_cap) * args.cap_scale, left)
             p0 = time.perf_counter()
             rc, tail = spawn(key, part_command(key, args, work, cap), cap, env)
             run.update(returncode=rc, cap_s=round(cap), wall_s=round(time.perf_counter() - p0, 1))

@@ -17,7 +17,10 @@ OMP_NUM_THREADS=1 per rank under torchrun. From RUN_DIR/metrics.jsonl (rank 0's 
 median tokens/s over the steps after the first `--skip` warm-up steps, the median phase split
 (data / forward / backward / optimizer ms) and RSS; the persistent memory per rank (fp32 params +
 grads + AdamW moments) comes from `dsmoe.tools.memory.estimate_memory(cfg, world, ep, "cpu")`
-(benchmarks/memory_layouts.py measures it). Table with rich; JSON to
+(benchmarks/memory_layouts.py measures it). CPU MFU: the achieved training FLOP/s (tokens/s x
+`dsmoe.tools.model.breakdown(cfg)["flops_per_token"]`) over this machine's fp32 matmul peak measured by
+`dsmoe.metrics.throughput.measure_peak_tflops` with the threads the layout runs (the default count for
+the single process; one thread times the world size under torchrun). Table with rich; JSON to
 benchmarks/results/train_throughput-<device>-<date>.json (train_throughput-quick-... for --quick).
 """
 from __future__ import annotations
@@ -32,12 +35,16 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.common import device_name, print_table, write_results  # noqa: E402
 from dsmoe.config import load_config  # noqa: E402
+from dsmoe.metrics.throughput import measure_peak_tflops  # noqa: E402
+from dsmoe.tools.model import breakdown  # noqa: E402
 from dsmoe.tools.memory import estimate_memory  # noqa: E402
 
 CONFIG = REPO_ROOT / "configs" / "runs" / "tiny-shakespeare.yaml"
@@ -144,25 +151,38 @@ def main(argv=None) -> int:
             if name in args.layouts:
                 rows.append(run_layout(name, world, ep, dp, args, Path(tmp)))
     base = next((r["tokens_per_s"] for r in rows if r["layout"] == "single" and r.get("status") == "ok"), None)
+    # fp32 matmul peaks at each layout's thread count: torch's default in one process, 1 per torchrun rank
+    peaks = {"default_threads": measure_peak_tflops(torch.float32),
+             "one_thread": measure_peak_tflops(torch.float32, threads=1)}
+    flops_per_token = breakdown(load_config(CONFIG))["flops_per_token"]
     for r in rows:
         if base and r.get("status") == "ok":
             r["speedup_vs_single"] = r["tokens_per_s"] / base
+        if r.get("status") == "ok":
+            peak = peaks["default_threads"] if r["world"] == 1 else peaks["one_thread"] * r["world"]
+            r.update(flops_per_token=flops_per_token, achieved_tflops=r["tokens_per_s"] * flops_per_token / 1e12,
+                     cpu_peak_tflops=peak)
+            r["cpu_mfu"] = r["achieved_tflops"] / peak
     table = []
     for r in rows:
         if r.get("status") != "ok":
-            table.append([r["layout"], r["world"], r["ep"], "-", r["status"], "", "", "", "", "", "", ""])
+            table.append([r["layout"], r["world"], r["ep"], "-", r["status"], "", "", "", "", "", "", "", ""])
             continue
         table.append([r["layout"], r["world"], r["ep"], f"{r['global_batch']}x{r['seq_len']}",
                       fmt(r["tokens_per_s"], ",.0f"), fmt(r.get("speedup_vs_single"), ".2f"),
-                      fmt(r["step_time_ms"]), fmt(r["data_ms"]), fmt(r["forward_ms"]), fmt(r["backward_ms"]),
+                      fmt(r.get("cpu_mfu"), ".1%"), fmt(r["step_time_ms"]), fmt(r["data_ms"]), fmt(r["forward_ms"]),
+                      fmt(r["backward_ms"]),
                       fmt(r["optimizer_ms"]), fmt(r["persistent_bytes"] / MiB, ".2f")])
     print_table(f"Training throughput, tiny preset, CPU ({device_name('cpu')}), {args.steps} steps, "
                 f"median after {args.skip} warm-up",
-                ["layout", "world", "ep", "batch", "tokens/s", "vs single", "step ms", "data ms", "fwd ms",
+                ["layout", "world", "ep", "batch", "tokens/s", "vs single", "CPU MFU", "step ms", "data ms", "fwd ms",
                  "bwd ms", "opt ms", "persist MiB/rank"], table,
-                caption="phase ms: rank 0; persistent = fp32 params + grads + AdamW moments per rank (estimate_memory)")
+                caption="phase ms: rank 0; persistent = fp32 params + grads + AdamW moments per rank (estimate_memory); "
+                        f"CPU MFU against the measured fp32 matmul peak: {peaks['default_threads'] * 1e3:.1f} GFLOP/s "
+                        f"({torch.get_num_threads()} threads), {peaks['one_thread'] * 1e3:.1f} GFLOP/s per 1-thread rank")
     payload = {"device_type": "cpu", "quick": args.quick, "config": str(CONFIG.relative_to(REPO_ROOT)),
                "steps": args.steps, "skip": args.skip, "micro_batch_b": args.micro_batch, "rows": rows,
+               "cpu_peak_tflops": peaks, "torch_threads": torch.get_num_threads(),
                "all_ok": all(r.get("status") == "ok" for r in rows)}
     if not args.no_save:
         path = write_results("train_throughput-quick" if args.quick else "train_throughput", payload, device="cpu")
