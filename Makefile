@@ -1,13 +1,14 @@
 # dsmoe: the everyday commands. `make help` lists them.
 PY ?= python3
 
-.PHONY: help install test train bench lint
+.PHONY: help install test train bench bench-gpu lint
 
 help:
 	@echo "install  pip install the CPU build of torch, then dsmoe with its dev extras"
 	@echo "test     run the test suite (CPU, gloo multi-process tests included)"
 	@echo "train    train the tiny MoE on the bundled tiny-Shakespeare corpus (CPU, ~3 min)"
 	@echo "bench    the benchmark suite (quick preset; results in benchmarks/results/)"
+	@echo "bench-gpu  the GPU suite on one H100/H200, <= 8 min (docs/gpu.md; --cpu runs it on the CPU)"
 	@echo "lint     ruff over the package, launchers, benchmarks and tests"
 
 install:
@@ -22,6 +23,9 @@ train:
 
 bench:
 	$(PY) benchmarks/suite.py --quick
+
+bench-gpu:
+	PYTHONPATH=. $(PY) benchmarks/gpu_suite.py
 
 lint:
 	$(PY) -m ruff check dsmoe launch benchmarks tests

@@ -41,7 +41,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.common import RESULTS_DIR, device_name  # noqa: E402
-from benchmarks.suite import _f, _table, md_moe, md_peer  # noqa: E402
+from benchmarks.suite import _f, _table, md_moe, md_titan  # noqa: E402
 
 # key, title, cap on a GPU (s), cap with --cpu (s), the result keys it writes
 PARTS = (
@@ -121,7 +121,7 @@ def part_command(key: str, args, work: Path, cap: float) -> list[str]:
     from benchmarks import gpu_parts
 
     if key == "cuda_tests":  # pytest is the part's process
-        return gpu_parts.cuda_tests_command(args.cpu, work)
+        return gpu_parts.cuda_tests_command(work)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--part", key, "--work", str(work), "--cap", str(cap)]
     return cmd + (["--cpu"] if args.cpu else [])
 
@@ -212,7 +212,7 @@ SECTIONS = (  # title, result key(s), renderer
     ("Peak memory vs the estimator (eager run)", "memory", md_memory),
     ("MoE layer vs dense FFN, grouped vs loop", "moe_layer", md_moe),
     ("CUDA tests", "cuda_tests", md_tests),
-    ("dsmoe vs torchtitan DeepSeek-V3", "peer_torchtitan", md_peer),
+    ("dsmoe vs torchtitan DeepSeek-V3", "peer_torchtitan", md_titan),
 )
 
 

@@ -13,6 +13,7 @@ Runs, continuing past a failing one (its return code and the tail of its output 
     benchmarks/memory_layouts.py                                    measured bytes per rank: DDP vs FSDP2, world 2 and 4
     benchmarks/activation_checkpointing.py                          bytes kept and step time per checkpointing policy
     benchmarks/peer_hf.py                                           dsmoe vs HF DeepseekV3 (skips without transformers)
+    benchmarks/peer_torchtitan.py                                   dsmoe vs torchtitan DeepSeek-V3 (skips without torchtitan)
 
 (each with --quick when given). Then reads the JSON each wrote in this run
 (benchmarks/results/<name>[-quick][-ep2]-<device>-<date>.json) and writes
@@ -64,6 +65,8 @@ def steps(quick: bool) -> list[dict]:
          "cmd": [py, "benchmarks/activation_checkpointing.py", *q], "result": f"activation_checkpointing{sfx}"},
         {"key": "peer_hf", "title": "dsmoe vs Hugging Face DeepseekV3",
          "cmd": [py, "benchmarks/peer_hf.py", *q], "result": f"peer_hf{sfx}"},
+        {"key": "peer_torchtitan", "title": "dsmoe vs torchtitan DeepSeek-V3 (bf16)",
+         "cmd": [py, "benchmarks/peer_torchtitan.py", *q], "result": f"peer_torchtitan{sfx}"},
     ]
 
 
@@ -73,7 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="every benchmark with --quick (make bench)")
     p.add_argument("--only", nargs="+", default=None,
                    help="run only these (moe_dispatch moe_dispatch_ep2 data_loader train_throughput "
-                        "memory_layouts activation_checkpointing peer_hf)")
+                        "memory_layouts activation_checkpointing peer_hf peer_torchtitan)")
     p.add_argument("--timeout", type=int, default=None, help="seconds per benchmark (default 600; 3600 full)")
     p.add_argument("--no-plots", action="store_true")
     args = p.parse_args(argv)
@@ -204,14 +207,15 @@ def md_train(res: dict) -> list[str]:
     rows = []
     for r in res["rows"]:
         if r.get("status") != "ok":
-            rows.append([r["layout"], r.get("world"), r.get("ep"), r.get("status"), "", "", "", "", "", ""])
+            rows.append([r["layout"], r.get("world"), r.get("ep"), r.get("status"), "", "", "", "", "", "", ""])
             continue
         rows.append([r["layout"], r["world"], r["ep"], _f(r["tokens_per_s"], ",.0f"),
-                     _f(r.get("speedup_vs_single"), ".2f"), _f(r["data_ms"]), _f(r["forward_ms"]),
+                     _f(r.get("speedup_vs_single"), ".2f"), _f(r.get("cpu_mfu"), ".1%"), _f(r["data_ms"]), _f(r["forward_ms"]),
                      _f(r["backward_ms"]), _f(r["optimizer_ms"]), _f(r["persistent_bytes"] / MiB, ".2f")])
     head = [f"tiny preset, global batch {res['micro_batch_b'] * 2} x 128, {res['steps']} steps "
-            f"(median after {res['skip']}); phase ms from rank 0; persistent = params + grads + AdamW per rank", ""]
-    return head + _table(["layout", "world", "ep", "tokens/s", "vs single", "data ms", "fwd ms", "bwd ms", "opt ms",
+            f"(median after {res['skip']}); phase ms from rank 0; persistent = params + grads + AdamW per rank; "
+            f"CPU MFU = achieved FLOP/s over the measured fp32 matmul peak at the layout's threads", ""]
+    return head + _table(["layout", "world", "ep", "tokens/s", "vs single", "CPU MFU", "data ms", "fwd ms", "bwd ms", "opt ms",
                           "persistent MiB/rank"], rows)
 
 
@@ -220,6 +224,17 @@ def md_peer(res: dict) -> list[str]:
              _f((r.get("peak_bytes") or 0) / MiB, ",.1f")] for r in res["rows"]]
     head = [f"preset {res.get('preset')}, {res.get('micro_batch')} x {res.get('seq_len')}, {res.get('dtype')}, "
             f"transformers {res.get('transformers')}", ""]
+    return head + _table(["impl", "step ms", "tokens/s", "peak MiB"], rows) + _goals(res)
+
+
+def md_titan(res: dict) -> list[str]:
+    rows = [[r["impl"], _f(r["median_ms"]), _f(r.get("tokens_per_s"), ",.0f"),
+             _f((r.get("peak_bytes") or 0) / MiB, ",.1f")] for r in res["rows"]]
+    check = res.get("function_check") or {}
+    head = [f"preset {res.get('preset')} ({res.get('layers')} layers), {res.get('micro_batch')} x {res.get('seq_len')}, "
+            f"{res.get('dtype')}, torchtitan {res.get('torchtitan')}; speedup = median of {res.get('iters')} per-round "
+            f"ratios: {_f(res.get('speedup_tokens_per_s'), '.3f')}x; same weights: logits differ by "
+            f"{_f(check.get('logits_rel_diff'), '.1e')} of their largest", ""]
     return head + _table(["impl", "step ms", "tokens/s", "peak MiB"], rows) + _goals(res)
 
 
@@ -245,7 +260,7 @@ def md_ac(res: dict) -> list[str]:
 
 RENDER = {"moe_dispatch": md_moe, "moe_dispatch_ep2": md_ep, "data_loader": md_loader,
           "train_throughput": md_train, "memory_layouts": md_memory, "activation_checkpointing": md_ac,
-          "peer_hf": md_peer}
+          "peer_hf": md_peer, "peer_torchtitan": md_titan}
 
 
 def markdown(combined: dict) -> str:
@@ -260,7 +275,7 @@ def markdown(combined: dict) -> str:
         res = combined["results"].get(s["key"])
         if res is None:
             out.append(f"_{s['status']}_ (rc {s['returncode']}): no results." if s["status"] != "skipped"
-                       else "_skipped_ (transformers not installed).")
+                       else "_skipped_: " + ((s.get("output_tail") or "").strip().splitlines() or ["-"])[-1])
             continue
         try:
             out += RENDER[s["key"]](res)
