@@ -113,6 +113,15 @@ class DataConfig:
     text_field: str = doc("text", "field holding the text in jsonl / hf rows")
     val_fraction: float = doc(0.05, "tail fraction of the token stream held out for validation")
     cache_dir: str = doc("runs/data-cache", "where prepared token files are kept")
+    streaming: Optional[bool] = doc(None, "read, tokenize and pack on the fly instead of preparing token files "
+                                          "(null = on for hf: sources)")
+    hf_data_files: Optional[str] = doc(None, "hf: data files (a glob) for builders like hf:parquet, hf:json")
+    streams: Optional[int] = doc(None, "streaming: disjoint streams the corpus is split into (null = one per "
+                                       "shard, at least the world size); a resume may use at most this many ranks")
+    shuffle_buffer: int = doc(1024, "streaming: rows shuffled together (1 = the dataset's order)")
+    workers: int = doc(1, "streaming: tokenizer processes per rank (0 = in the training process)")
+    val_documents: int = doc(1000, "streaming: validation documents (the first of stream 0, never trained on)")
+    val_split: Optional[str] = doc(None, "streaming: validate on this split instead (nothing is held out)")
 
 
 @dataclass
@@ -138,8 +147,12 @@ class CheckpointConfig:
     keep_last: int = doc(3, "checkpoints kept in the run directory")
     save_final: bool = doc(True, "write a checkpoint when training ends")
     format: Literal["auto", "file", "sharded"] = doc(
-        "auto", "file (one step_N.pt, any layout resumes it), sharded (DCP directory, one shard per rank), "
-                "auto = sharded under FSDP")
+        "auto", "file (one step_N.pt, any layout resumes it), sharded (DCP directory, one shard per rank, "
+                "any layout resumes it), auto = sharded at world > 1 or with async_save, else file")
+    async_save: bool = doc(False, "write sharded checkpoints on a background thread (DCP async_save): training "
+                                  "waits only for a host copy; the next save and the run's end wait for it")
+    timeout_s: int = doc(1800, "seconds a checkpoint's collectives wait (ranks waiting for rank 0's write), "
+                               "instead of parallel.step_timeout_s")
 
 
 @dataclass

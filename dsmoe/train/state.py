@@ -8,6 +8,10 @@ source, tokenizer, data seed) is refused unless `run.allow_data_change` is set.
 """
 from __future__ import annotations
 
+import datetime
+import functools
+import time
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -16,11 +20,11 @@ import torch
 import torch.distributed as dist
 
 from dsmoe.config import ConfigError
-from dsmoe.parallel.fsdp import full, shard_like
-from dsmoe.train.checkpoint import (CheckpointError, check_compatible, checkpoint_path, is_sharded, list_checkpoints,
-                                    load_checkpoint, peek, save_checkpoint)
+from dsmoe.train.checkpoint import (CheckpointError, check_compatible, checkpoint_path, checksum_problem, is_sharded,
+                                    list_checkpoints, load_checkpoint, peek, raise_if_corrupt, save_checkpoint)
 from dsmoe.train.optim import Schedule
-from dsmoe.train.sharded_checkpoint import load_meta, model_shapes, save_sharded
+from dsmoe.train.sharded_checkpoint import (commit_sharded, load_meta, model_shapes, staging_dir, then,
+                                            write_shards)
 
 DATA_MEANING = ("source", "tokenizer", "seq_len", "seed")  # fields whose change moves what a sample position means
 
@@ -35,25 +39,26 @@ class Progress:
     lr_scale: float = 1.0  # lowered by each guard rollback
 
 
-def broadcast(obj: Any, mesh) -> Any:
+def broadcast(obj: Any, mesh, group: Optional[dist.ProcessGroup] = None) -> Any:
     """Rank 0's value on every rank: one decider for what the file system says."""
     if not mesh.distributed:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=group)
     return box[0]
 
 
-def decide(mesh, fn: Callable[[], Any]) -> Any:
-    """Rank 0 runs `fn` (reads the file system, decides) and every rank gets its result, or raises its
-    error (a ConfigError or CheckpointError) alike, so no rank acts on a different view of the disk."""
+def decide(mesh, fn: Callable[[], Any], group: Optional[dist.ProcessGroup] = None) -> Any:
+    """Rank 0 runs `fn` (reads or writes the file system, decides) and every rank gets its result, or
+    raises its error (a ConfigError, CheckpointError or OSError) alike, so no rank acts on a different
+    view of the disk. The others wait under `group`'s timeout (default: the world's)."""
     outcome = None
     if mesh.is_main:
         try:
             outcome = ("ok", fn())
-        except (ConfigError, CheckpointError) as e:
+        except (ConfigError, CheckpointError, OSError) as e:
             outcome = ("error", (type(e), str(e)))
-    status, value = broadcast(outcome, mesh)
+    status, value = broadcast(outcome, mesh, group)
     if status == "error":
         raise value[0](value[1])
     return value
@@ -79,13 +84,36 @@ def data_identity(cfg) -> dict:
 
 
 class Checkpoints:
-    """The trainer's checkpoints: contents, save (one file or a sharded directory), restore."""
+    """The trainer's checkpoints: contents, save (one file or a sharded directory, in the background
+    with checkpoint.async_save), restore.
+
+    Their collectives run in a gloo group of their own whose timeout is checkpoint.timeout_s, not the
+    step timeout: ranks wait there while rank 0 writes a file or commits a directory, and DCP plans
+    over it (an asynchronous save from its background thread, beside the training's collectives)."""
 
     def __init__(self, trainer):
         self.t = trainer
+        self.pending: Optional[Future] = None  # the asynchronous save in flight
+        if trainer.cfg.checkpoint.async_save and not trainer.save_sharded:
+            raise ConfigError("checkpoint.async_save writes sharded (DCP) directories in the background: set "
+                              "checkpoint.format=sharded (or auto), or checkpoint.async_save=false to write one file")
+
+    @functools.cached_property
+    def group(self) -> Optional[dist.ProcessGroup]:
+        """Built on first use (every rank saves and restores at the same points)."""
+        if not self.t.mesh.distributed:
+            return None
+        return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=self.t.cfg.checkpoint.timeout_s))
 
     def newest(self) -> Optional[Path]:
+        self.wait()
         return newest_checkpoint(self.t.run_dir, self.t.mesh)
+
+    def wait(self) -> None:
+        """Return once the asynchronous save in flight, if any, is committed; raise its error."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.result()
 
     # ---------------------------------------------------------------- contents
 
@@ -119,43 +147,53 @@ class Checkpoints:
             "layout": {"world": t.mesh.world, "ep": t.mesh.ep, "dp": "fsdp" if t.fsdp else "ddp"},
             "data": {**data_identity(t.cfg), "vocab_size": t.vocab_size},
             "run": {"lineage": t.lineage},
+            "data_stream": t.data.state_dict(),  # None for prepared files (their position is `samples`)
         }
 
-    def full_state(self) -> dict:
-        """The whole state as one single-process checkpoint; every rank must call it.
-
-        Under expert parallelism rank 0's copy holds every expert (gathered from its EP group), so
-        the file is exactly a single-process checkpoint and resumes at any ep."""
+    def full_state(self, meta: Optional[dict] = None) -> dict:
+        """The whole state as one single-process checkpoint (every expert, whole FSDP tensors) on rank
+        0's host; every rank must call it. The others get the meta state with an empty model and
+        optimizer state, having held at most one whole tensor at a time (ShardedState.gather)."""
         t = self.t
-        state = self.meta_state()
-        model_state, optim_state = t.model.state_dict(), t.optimizer.state_dict()
-        if t.fsdp:  # whole tensors (expert ones whole over edp; gathered over ep below)
-            model_state = {k: full(v) for k, v in model_state.items()}
-            optim_state["state"] = {i: {k: full(v) for k, v in per.items()} for i, per in optim_state["state"].items()}
-        if t.experts is not None:
-            t.experts.gather_state(model_state, optim_state, t.optimizer)
-        return {"model": model_state, "optimizer": optim_state, **state}
+        model, optim = t.sharded.gather()
+        names = t.sharded.param_names()
+        optim_state = {i: optim[n] for i, n in enumerate(names) if n in optim}
+        return {"model": model, "optimizer": {"state": optim_state,
+                                              "param_groups": t.optimizer.state_dict()["param_groups"]},
+                **(meta or self.meta_state())}
 
     # ---------------------------------------------------------------- save
 
     def save(self) -> Optional[Path]:
-        """Every rank calls it; never writes from non-finite parameters. The path on every rank."""
+        """Every rank calls it; never writes from non-finite parameters. The path on every rank (with
+        checkpoint.async_save, where the directory will be once its background write commits)."""
         t = self.t
+        self.wait()  # one save in flight at a time
         if not t.params_finite_everywhere():
             t.log.warn(f"step {t.progress.step}: parameters are not finite: checkpoint not written")
             return None
-        keep = t.cfg.checkpoint.keep_last
-        hook = t.faults.save_hook()
+        began = time.perf_counter()
+        keep, hook, meta = t.cfg.checkpoint.keep_last, t.faults.save_hook(), self.meta_state()
         if t.save_sharded:  # every rank writes its shards; no rank holds the whole model
-            path = save_sharded(t.sharded.tensors(), self.meta_state(),
-                                checkpoint_path(t.run_dir, t.progress.step, True), keep, t.mesh, before_commit=hook)
-        else:
-            state = self.full_state()
-            path = None
-            if t.mesh.is_main:
-                path = save_checkpoint(state, checkpoint_path(t.run_dir, t.progress.step), keep, before_commit=hook)
-        path = broadcast(path, t.mesh)  # also: nobody races ahead of a checkpoint still being written
-        t.log.print(f"checkpoint: {path}")
+            path = checkpoint_path(t.run_dir, t.progress.step, True)
+            tmp = decide(t.mesh, lambda: staging_dir(path), self.group)
+
+            def finish():
+                return commit_sharded(tmp, path, meta, keep, before_commit=hook)
+
+            written = write_shards(t.sharded.tensors(), tmp, self.group, background=t.cfg.checkpoint.async_save)
+            if written is not None:  # rank 0 commits when every rank's shards are written
+                self.pending = then(written, finish if t.mesh.is_main else None)
+                t.log.print(f"checkpoint: {path} (training waited {time.perf_counter() - began:.2f} s; "
+                            f"written in the background)")
+                return path
+            decide(t.mesh, finish, self.group)
+        else:  # rank 0 gathers and writes; the others wait for it in self.group
+            state = self.full_state(meta)
+            path = decide(t.mesh, lambda: save_checkpoint(state, checkpoint_path(t.run_dir, t.progress.step), keep,
+                                                          before_commit=hook), self.group)
+            del state
+        t.log.print(f"checkpoint: {path} ({time.perf_counter() - began:.2f} s)")
         return path
 
     # ---------------------------------------------------------------- restore
@@ -163,26 +201,23 @@ class Checkpoints:
     def restore(self, path: Path) -> dict:
         """From a single file or a sharded directory, whatever layout wrote it. Returns the meta state."""
         t = self.t
+        self.wait()
         # checkpoints hold tensors at their single-process shapes (every expert): compare with those
-        model_state = t.model.state_dict()
-        if t.experts is not None:
-            model_state = t.experts.full_shapes(model_state)
+        model_view, _ = t.sharded.view()
         if is_sharded(path):
             state = load_meta(path)
-            check_compatible({**state, "model": model_shapes(path)}, t.cfg.model_dict(), model_state, path)
+            check_compatible({**state, "model": model_shapes(path)}, t.cfg.model_dict(), model_view, path)
             self.check_data(state, path)
-            t.sharded.load(path)  # each rank reads its own shards
+            t.sharded.load(path, self.group)  # each rank reads its own shards
         else:
-            state = load_checkpoint(path)
-            check_compatible(state, t.cfg.model_dict(), model_state, path)
+            state = load_checkpoint(path, verify=False)  # memory-mapped: each rank reads what it keeps
+            self.verify(path, state)
+            check_compatible(state, t.cfg.model_dict(), model_view, path)
             self.check_data(state, path)
-            if t.experts is not None:  # keep this rank's experts
-                t.experts.take_slice(state, t.optimizer)
-            if t.fsdp:
-                self._shard_like_live(state)
-            t.model.load_state_dict(state["model"])
-            t.optimizer.load_state_dict(state["optimizer"])
+            names = t.sharded.param_names()
+            t.sharded.place(state["model"], {names[int(i)]: per for i, per in state["optimizer"]["state"].items()})
         t.scaler.load_state_dict(state["scaler"])
+        t.data.load_state_dict(state.get("data_stream"))
         vars(t.progress).update(asdict(progress_of(state)))  # in place: the loop holds this object
         t.guard.load_state_dict(state.get("guard") or t.guard.state_dict())
         rng = state["rng"]
@@ -192,6 +227,15 @@ class Checkpoints:
             if t.device.type == "cuda" and "cuda" in rng and t.mesh.rank < rng["cuda"].shape[0]:
                 torch.cuda.set_rng_state(rng["cuda"][t.mesh.rank].clone(), t.device)
         return state
+
+    def verify(self, path: Path, state: dict) -> None:
+        """The file's checksum, verified by every rank together: each re-reads 1/world of the file."""
+        m = self.t.mesh
+        problems = [checksum_problem(path, state, m.rank, m.world)]
+        if m.distributed:
+            mine, problems = problems[0], [None] * m.world
+            dist.all_gather_object(problems, mine, group=self.group)
+        raise_if_corrupt(path, problems)
 
     def check_data(self, state: dict, path: Path) -> None:
         """Refuse a resume whose sample positions would mean other data (unless run.allow_data_change)."""
@@ -207,19 +251,6 @@ class Checkpoints:
                                   + "; ".join(changed) + "): samples would be skipped or repeated. Resume with the "
                                   f"checkpoint's values ({', '.join(field.get(k, 'data.' + k) for k in DATA_MEANING)}),"
                                   f" or accept it with --run.allow_data_change=true")
-
-    def _shard_like_live(self, state: dict) -> None:
-        """Whole tensors of a single-file checkpoint -> this rank's FSDP shards, in place on `state`."""
-        t = self.t
-        live = t.model.state_dict()
-        for name, value in state["model"].items():
-            state["model"][name] = shard_like(value, live[name])
-        params = [p for g in t.optimizer.param_groups for p in g["params"]]
-        for i, per_param in state["optimizer"]["state"].items():
-            p = params[i]
-            for key, v in per_param.items():
-                if torch.is_tensor(v) and v.shape == p.shape:
-                    per_param[key] = shard_like(v, p)
 
 
 def progress_of(state: dict) -> Progress:

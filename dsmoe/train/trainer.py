@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from dsmoe.config import Config, ConfigError, dump_yaml
-from dsmoe.data import TokenBatches, ensure_prepared, get_tokenizer, load_prepared, padded_vocab_size, val_batches
+from dsmoe.data import get_tokenizer, padded_vocab_size
 from dsmoe.metrics.logger import RunLogger, fmt_tokens
 from dsmoe.metrics.row import log_row
 from dsmoe.metrics.trackers import Trackers
@@ -31,7 +31,7 @@ from dsmoe.train.checkpoint import is_sharded, peek, resolve_resume
 from dsmoe.train.faults import FaultInjector
 from dsmoe.train.guard import Guard, GuardPolicy, params_all_finite
 from dsmoe.train.optim import build_optimizer, clip_grad_norm
-from dsmoe.train.prefetch import Prefetcher
+from dsmoe.train.data import TrainData
 from dsmoe.train.precision import autocast, grad_scaler, resolve_precision
 from dsmoe.train.sharded_checkpoint import ShardedState, load_meta
 from dsmoe.train.signals import StopRequest
@@ -54,7 +54,7 @@ class Trainer:
         if self.vocab_size < self.tokenizer.vocab_size:
             raise ConfigError(f"model.vocab_size={self.vocab_size} is smaller than the tokenizer's "
                               f"{self.tokenizer.vocab_size} ({cfg.data.tokenizer}): raise it or set it to null")
-        self._load_data()
+        self.data = TrainData(cfg, self.mesh, self.device)
 
         # built on the meta device, sharded, then each rank materialises and initialises only what it
         # holds (its experts, its FSDP shards); the weights depend on config and seed alone
@@ -82,7 +82,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, t)
         self.sharded = ShardedState(self.model, self.optimizer, self.mesh, self.experts, self.fsdp)
         fmt = cfg.checkpoint.format
-        self.save_sharded = fmt == "sharded" or (fmt == "auto" and self.fsdp)
+        self.save_sharded = fmt == "sharded" or (fmt == "auto" and (self.mesh.distributed or cfg.checkpoint.async_save))
         self.scaler = grad_scaler(self.precision, self.device)
         self.block_fn = block_fn_for(cfg.parallel)
         self.progress = Progress()
@@ -134,28 +134,6 @@ class Trainer:
         return Transformer(self.cfg, self.vocab_size,
                            dispatcher_factory=lambda layer: make_dispatcher(E, self.mesh, drops=drops))
 
-    def _load_data(self) -> None:
-        d, t, m = self.cfg.data, self.cfg.train, self.mesh
-        options = dict(val_fraction=d.val_fraction, hf_config=d.hf_config, split=d.split, text_field=d.text_field)
-        if m.is_main:  # one rank tokenizes; the others wait and read the same files
-            data_dir = ensure_prepared(d.source, d.tokenizer, cache_root=d.cache_dir, **options)
-        if m.distributed:
-            dist.barrier()
-        if not m.is_main:
-            data_dir = ensure_prepared(d.source, d.tokenizer, cache_root=d.cache_dir, **options)
-        self.data_meta, train_tokens, val_tokens = load_prepared(data_dir)
-        self.batches = TokenBatches(train_tokens, t.seq_len, t.micro_batch, rank=m.rank, world=m.world, seed=t.seed)
-        self.prefetcher = Prefetcher(self.batches.rows, self.device)
-        self.val, self.val_counted = [], 0
-        if t.eval_every and len(val_tokens) > t.seq_len + 1:
-            all_val = val_batches(val_tokens, t.seq_len, t.micro_batch, t.eval_batches)
-            self.val = all_val[m.rank::m.world]
-            self.val_counted = len(self.val)
-            # Every rank runs as many batches: under expert parallelism each MoE forward is a collective
-            # of the EP group, and evaluate() ends in an all-reduce. Short shards repeat a batch that
-            # is run but not counted.
-            self.val += [all_val[0]] * (-(-len(all_val) // m.world) - len(self.val))
-
     def restore(self, path: Path) -> dict:
         return self.checkpoints.restore(path)
 
@@ -165,7 +143,7 @@ class Trainer:
     def batch_at(self, first_sample: int, prefetch_next: bool = False):
         """This rank's micro-batch of the global micro-step that starts at sample `first_sample` (on the
         device); with prefetch_next, the following micro-step's is built meanwhile."""
-        return self.prefetcher.get(first_sample, first_sample + self.samples_per_micro_step if prefetch_next else None)
+        return self.data.batch(first_sample, prefetch_next)
 
     def params_finite_everywhere(self) -> bool:
         ok = params_all_finite(self.model).float()
@@ -249,14 +227,14 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> Optional[dict]:
-        if not self.val:
+        if not self.data.val:
             return None
         self.model.eval()
         total = torch.zeros(2, device=self.device)
-        for i, (x, y) in enumerate(self.val):
+        for i, (x, y) in enumerate(self.data.val):
             with self.autocast():
                 out = self.model(x.to(self.device), y.to(self.device))
-            if i < self.val_counted:  # the rest are padding (see _load_data)
+            if i < self.data.val_counted:  # the rest are padding (see TrainData)
                 total += torch.stack([out.ce_loss.float(), torch.ones((), device=self.device)])
         if self.mesh.distributed:
             dist.all_reduce(total)
@@ -296,7 +274,8 @@ class Trainer:
             "tokens / step": f"{fmt_tokens(self.tokens_per_step)} = {m.world} ranks x {t.micro_batch} x "
                              f"{t.grad_accum} accum x {t.seq_len}",
             "data": f"{self.cfg.data.source} ({self.cfg.data.tokenizer}, vocab {self.vocab_size}, "
-                    f"{fmt_tokens(self.data_meta['train_tokens'])} train tokens)",
+                    + (f"{fmt_tokens(self.data.train_tokens)} train tokens)" if self.data.train_tokens is not None
+                       else f"streamed, {self.data.stream.num_streams} streams)"),
             "schedule": f"{t.schedule}, peak {t.lr:g}, warmup {t.warmup_steps}, {t.steps} steps"
                         + (f"; {self.schedule_change}" if self.schedule_change else ""),
             "run dir": f"{self.run_dir} (run {self.lineage})",
@@ -343,6 +322,7 @@ class Trainer:
                         saved = self.checkpoints.save()
             if (stopped or cfg.checkpoint.save_final) and not (saved and rundir.step_of(saved) == p.step):
                 saved = self.checkpoints.save()
+            self.checkpoints.wait()  # an asynchronous save is committed before the run ends
         except torch.OutOfMemoryError as e:
             raise MemoryError(f"out of memory at step {p.step + 1}: see `python -m dsmoe.estimate CONFIG --world "
                               f"{self.mesh.world}` for what fits: lower train.micro_batch (raise train.grad_accum to "
