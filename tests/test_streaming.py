@@ -197,6 +197,18 @@ def test_workers_give_the_same_stream_and_resume(corpus, tmp_path):
         assert torch.equal(_windows(head + _read([resumed], 7)), expected)
 
 
+def test_a_dead_worker_is_an_error_not_a_hang(corpus):
+    import os
+    import signal
+
+    with _stream(corpus, "json", workers=1, shuffle_buffer=4) as stream:
+        next(stream)
+        for pid in list(stream.pool._executor._processes):
+            os.kill(pid, signal.SIGKILL)
+        with pytest.raises(RuntimeError, match="tokenizer worker process died"):
+            _read([stream], 50)
+
+
 def test_validation_holds_out_the_first_documents_of_stream_0(corpus, tmp_path):
     stream = _stream(corpus, val_documents=3)
     val = stream.validation_tokens()

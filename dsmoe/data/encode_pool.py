@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 
@@ -31,6 +32,11 @@ def encode_documents(texts: list[str], tokenizer=None) -> list[np.ndarray]:
     return [np.asarray(tokenizer.encode(text) + [eot], dtype=np.int32) for text in texts]
 
 
+def _worker_died() -> RuntimeError:
+    return RuntimeError("a tokenizer worker process died (killed, or out of memory); resume from the last "
+                        "checkpoint, with fewer data.workers, or 0 to tokenize in the training process")
+
+
 class EncodePool:
     """`submit(texts)` returns a Future of `encode_documents(texts)`, computed by `workers` processes
     (0 = at once, in this process)."""
@@ -49,10 +55,21 @@ class EncodePool:
 
     def submit(self, texts: list[str]) -> Future:
         if self._executor is not None:
-            return self._executor.submit(encode_documents, texts)
+            try:
+                return self._executor.submit(encode_documents, texts)
+            except BrokenProcessPool as e:
+                raise _worker_died() from e
         future: Future = Future()
         future.set_result(encode_documents(texts, self.tokenizer))
         return future
+
+    @staticmethod
+    def result(future: Future) -> list[np.ndarray]:
+        """The future's token arrays; a dead worker is a RuntimeError saying what to do."""
+        try:
+            return future.result()
+        except BrokenProcessPool as e:
+            raise _worker_died() from e
 
     def close(self) -> None:
         if self._executor is not None:

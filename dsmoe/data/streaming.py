@@ -62,7 +62,7 @@ class _Block:
     def tokens(self, doc: int) -> np.ndarray:
         chunk, i = divmod(doc - self.first, CHUNK_DOCS)
         if isinstance(self._chunks[chunk], Future):
-            self._chunks[chunk] = self._chunks[chunk].result()
+            self._chunks[chunk] = EncodePool.result(self._chunks[chunk])
         return self._chunks[chunk][i]
 
     def release_before(self, doc: int) -> None:
