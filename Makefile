@@ -24,8 +24,8 @@ train:
 bench:
 	$(PY) benchmarks/suite.py --quick
 
-bench-gpu:
-	PYTHONPATH=. $(PY) benchmarks/gpu_suite.py
+bench-gpu:  # ARGS="--out DIR" etc. go to benchmarks/gpu_suite.py
+	PYTHONPATH=. $(PY) benchmarks/gpu_suite.py $(ARGS)
 
 lint:
 	$(PY) -m ruff check dsmoe launch benchmarks tests
