@@ -144,7 +144,7 @@ def format_estimate(est: dict, title: str = "", budget: Optional[tuple[float, st
     n = est["n_params"]
     rows = [
         ("parameters", est["params"], f"{fmt_count(n)}, fp32 master" + (", FSDP shard" if est["fsdp_gathered"] else "")),
-        ("gradients", est["grads"], "fp32"),
+        ("gradients", est["grads"], "fp32" + (", unsharded between micro-steps" if est["grads_unsharded"] else "")),
         ("optimizer state", est["optimizer"], "AdamW 2 x fp32"),
         ("autocast weight copies", est["weight_casts"], "16-bit matmul weights"),
         ("FSDP gathered blocks", est["fsdp_gathered"], "unsharded for compute"),

@@ -23,8 +23,8 @@ not from a rule of thumb such as 34·s·b·h. Facts the model encodes, all visib
   sizes match) save q, k, v, the output and an fp32 logsumexp. On CPU MLA pads V to the q/k head size
   so that they do (dsmoe.model.attention.v_padding_needed; CUDA's kernels take V unpadded); CPU's
   math fallback would save scaled fp32 copies of q, k, v and the [B,H,S,S] probabilities.
-- The router runs F.linear under autocast (its `.float()` does not leave autocast), so its logits
-  and scores are 2 bytes there.
+- The router turns autocast off: it reads the fp32 norm output and its logits and scores are fp32;
+  the shared and routed experts read the tokens' compute-dtype copy.
 - Full checkpointing keeps only each block's fp32 input [B,S,d]; one block's activations are
   recomputed at a time in backward.
 - The loss (dsmoe/model/loss.py) keeps the head's input in the compute dtype, the targets and a fp32
@@ -127,8 +127,9 @@ def _ffn(cfg: Config, layer: int, B: int, S: int, cb: int) -> int:
         return total + ((2 * T * d * 2) if amp else T * d * 4) + _swiglu(T, m.ffn_hidden, cb)
     E, K = e.n_routed_experts, e.top_k
     N = T * K  # rows sent to the experts (capacity drops keep their padding rows)
-    rb = cb  # router logits/scores: F.linear under autocast runs in the autocast dtype
-    total += ((1 + 2 * bool(e.n_shared_experts)) * T * d * 2) if amp else T * d * 4  # router (+ shared) inputs
+    rb = 4  # router logits and scores: fp32 (Router.forward turns autocast off)
+    # the router reads the fp32 norm output; under autocast the shared experts read its compute-dtype copy
+    total += T * d * 4 + (T * d * cb if amp and e.n_shared_experts else 0)
     total += T * E * rb + T * K * 8  # scores (sigmoid/softmax result, gathered), top-k indices
     if e.norm_topk_prob and K > 1:
         total += T * K * rb + T * rb  # division: chosen scores and their sum
@@ -193,7 +194,6 @@ def predicted_saved_bytes(cfg: Config, device: str = "cpu", ep: int = 1) -> int:
 @functools.lru_cache(maxsize=64)
 def _param_stats(model_yaml: str, vocab: int, ep: int) -> dict:
     from dsmoe.config import AttentionConfig, ModelConfig, MoEConfig
-    from dsmoe.model.moe import Router
 
     tree = yaml.safe_load(model_yaml)
     cfg = Config(model=ModelConfig(**tree["model"]), attention=AttentionConfig(**tree["attention"]),
@@ -201,7 +201,7 @@ def _param_stats(model_yaml: str, vocab: int, ep: int) -> dict:
     model = meta_model(cfg, ep, vocab)
     params = list(model.parameters())  # tied weights once
     trainable = [p for p in params if p.requires_grad]
-    layer_casts = [sum(mod.weight.numel() for mod in block.modules() if isinstance(mod, (torch.nn.Linear, Router)))
+    layer_casts = [sum(mod.weight.numel() for mod in block.modules() if isinstance(mod, torch.nn.Linear))
                    for block in model.layers]
     return {
         "n_params": sum(p.numel() for p in params),
@@ -210,8 +210,8 @@ def _param_stats(model_yaml: str, vocab: int, ep: int) -> dict:
         "param_bytes": sum(p.numel() * p.element_size() for p in params),  # fp32: the master weights
         "grad_bytes": sum(p.numel() * p.element_size() for p in trainable),  # grads match the params' dtype
         "optim_bytes": 2 * sum(p.numel() * 4 for p in trainable),  # exp_avg + exp_avg_sq, fp32
-        # weights autocast casts once and caches: the blocks' nn.Linear and router weights (the loss
-        # casts the head's weight itself, per call)
+        # weights autocast casts once and caches: the blocks' nn.Linear weights (the router computes in
+        # fp32; the loss casts the head's weight itself, per call)
         "layer_cast_numel": layer_casts,
         "cast_numel": sum(layer_casts),
     }
@@ -252,7 +252,7 @@ def estimate_memory(cfg: Config, world: Optional[int] = None, ep: Optional[int] 
         casts += max(led["expert_casts"][i] for i in redo)
     logits = led["loss_work"]
     param_bytes, grad_bytes, optim_bytes = st["param_bytes"], st["grad_bytes"], st["optim_bytes"]
-    gathered = 0
+    gathered, unsharded = 0, False
     if cfg.parallel.dp == "fsdp" and world > 1:
         # sharded: dense tensors over the shard group, experts over edp; blocks are gathered whole in the
         # compute dtype (which replaces autocast's cached casts), two at a time with prefetch, or all of
@@ -261,6 +261,10 @@ def estimate_memory(cfg: Config, world: Optional[int] = None, ep: Optional[int] 
         n, experts = st["n_params"], st["expert_numel"]
         fraction = ((n - experts) / shard + experts / edp) / n
         param_bytes, grad_bytes, optim_bytes = (int(b * fraction) for b in (param_bytes, grad_bytes, optim_bytes))
+        if cfg.train.grad_accum > 1:
+            # between micro-steps (set_requires_gradient_sync(False)) FSDP2 keeps every unit's gradient
+            # unsharded, in fp32 (the reduce dtype): this rank's whole model, not its shard
+            grad_bytes, unsharded = st["grad_bytes"], True
         blocks = sorted(st["block_numel"], reverse=True)
         kept = blocks if not cfg.parallel.reshard_after_forward else blocks[:2]
         gathered = sum(kept) * (2 if amp else 4)
@@ -270,7 +274,7 @@ def estimate_memory(cfg: Config, world: Optional[int] = None, ep: Optional[int] 
     return {
         "world": world, "ep": ep, "device": device, "precision_bytes": 2 if amp else 4,
         "tokens": led["tokens"], "n_params": st["n_params"], "policy": cfg.parallel.activation_checkpointing,
-        "params": param_bytes, "grads": grad_bytes, "optimizer": optim_bytes,
+        "params": param_bytes, "grads": grad_bytes, "optimizer": optim_bytes, "grads_unsharded": unsharded,
         "weight_casts": casts, "fsdp_gathered": gathered,
         "activations_none": act_none, "activations_full": act_full, "activations": act_policy,
         "logits": logits, "persistent": persistent, "total": peak_train,
