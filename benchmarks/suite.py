@@ -14,6 +14,8 @@ Runs, continuing past a failing one (its return code and the tail of its output 
     benchmarks/activation_checkpointing.py                          bytes kept and step time per checkpointing policy
     benchmarks/peer_hf.py                                           dsmoe vs HF DeepseekV3 (skips without transformers)
     benchmarks/peer_torchtitan.py                                   dsmoe vs torchtitan DeepSeek-V3 (skips without torchtitan)
+    benchmarks/generate.py                                          KV-cache decode vs recomputation, cache bytes per token
+    benchmarks/serve_load.py                                        server under N concurrent clients vs one
 
 (each with --quick when given). Then reads the JSON each wrote in this run
 (benchmarks/results/<name>[-quick][-ep2]-<device>-<date>.json) and writes
@@ -67,6 +69,10 @@ def steps(quick: bool) -> list[dict]:
          "cmd": [py, "benchmarks/peer_hf.py", *q], "result": f"peer_hf{sfx}"},
         {"key": "peer_torchtitan", "title": "dsmoe vs torchtitan DeepSeek-V3 (bf16)",
          "cmd": [py, "benchmarks/peer_torchtitan.py", *q], "result": f"peer_torchtitan{sfx}"},
+        {"key": "generate", "title": "Generation: KV cache vs recomputation",
+         "cmd": [py, "benchmarks/generate.py", *q], "result": f"generate{sfx}"},
+        {"key": "serve_load", "title": "Serving: concurrent clients on loopback",
+         "cmd": [py, "benchmarks/serve_load.py", *q], "result": f"serve_load{sfx}"},
     ]
 
 
@@ -76,7 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="every benchmark with --quick (make bench)")
     p.add_argument("--only", nargs="+", default=None,
                    help="run only these (moe_dispatch moe_dispatch_ep2 data_loader train_throughput "
-                        "memory_layouts activation_checkpointing peer_hf peer_torchtitan)")
+                        "memory_layouts activation_checkpointing peer_hf peer_torchtitan generate serve_load)")
     p.add_argument("--timeout", type=int, default=None, help="seconds per benchmark (default 600; 3600 full)")
     p.add_argument("--no-plots", action="store_true")
     args = p.parse_args(argv)
@@ -258,9 +264,34 @@ def md_ac(res: dict) -> list[str]:
     return head + _table(["shape", "policy", "saved MiB", "of none", "time ratio", "step ratio"], rows) + _goals(res)
 
 
+def md_generate(res: dict) -> list[str]:
+    c, r, b = res["cached"], res["recompute"], res["batched"]
+    head = [f"{res['preset']} at {res['layers']} of {res['preset_layers']} layers, {res['prompt_tokens']} prompt + "
+            f"{res['new_tokens']} new tokens, greedy, fp32, {res['threads']} threads; recompute timed at "
+            f"{r['timed_steps']} steps, tokens equal to the cached run: {r['tokens_match']}", ""]
+    rows = [["KV cache", 1, _f(c["prefill_s"], ".2f"), _f(c["decode_tokens_per_s"]), _f(res["decode_speedup"])],
+            ["recompute", 1, "-", _f(r["tokens_per_s"], ".2f"), "1.0"],
+            ["KV cache, ragged batch", b["rows"], _f(b["prefill_s"], ".2f"), _f(b["decode_tokens_per_s"]), "-"]]
+    caches = [[x["preset"], x["attention"], _f(x["measured_bytes"], ".0f"), x["formula_bytes"], x["full_kv_bytes"],
+               _f(x["compression"], ".2f")] for x in res["cache_bytes"] if x["dtype"] == "bfloat16"]
+    return (head + _table(["method", "rows", "prefill s", "decode tokens/s", "vs recompute"], rows)
+            + ["", "cache bytes per token per layer, bf16:", ""]
+            + _table(["preset", "attention", "measured", "formula", "per-head K/V", "smaller by"], caches) + _goals(res))
+
+
+def md_serve(res: dict) -> list[str]:
+    rows = [[r["clients"], r["requests"], r["errors"], _f(r["requests_per_s"], ".2f"), _f(r["latency_p50_s"], ".2f"),
+             _f(r["latency_p99_s"], ".2f"), _f(r["tokens_per_s"]), _f(r["tokens_per_s_vs_single"], ".2f")]
+            for r in res["rows"]]
+    head = [f"{res.get('checkpoint')}, {res.get('requests_per_client')} requests per client, "
+            f"{res.get('max_tokens')} new tokens each", ""]
+    return head + _table(["clients", "requests", "errors", "req/s", "p50 s", "p99 s", "tokens/s", "vs 1 client"],
+                         rows) + _goals(res)
+
+
 RENDER = {"moe_dispatch": md_moe, "moe_dispatch_ep2": md_ep, "data_loader": md_loader,
           "train_throughput": md_train, "memory_layouts": md_memory, "activation_checkpointing": md_ac,
-          "peer_hf": md_peer, "peer_torchtitan": md_titan}
+          "peer_hf": md_peer, "peer_torchtitan": md_titan, "generate": md_generate, "serve_load": md_serve}
 
 
 def markdown(combined: dict) -> str:
