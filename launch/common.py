@@ -53,6 +53,9 @@ def parse_args(argv: list[str], description: str):
                         help=f"run / preset / hardware YAML file (default {DEFAULT_CONFIG.relative_to(REPO)}; "
                              f"with --resume PATH: the checkpoint's own config)")
     parser.add_argument("--resume", default=None, help="checkpoint path, or 'auto' for the newest in run.dir")
+    parser.add_argument("--init-from-hf", "--init-from", dest="init_from", default=None,
+                        help="start from these weights (a transformers directory or a dsmoe checkpoint): fresh "
+                             "optimizer, step 0; without --config its model config is used")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and exit without training")
     parser.add_argument("-h", "--help", action="store_true")
     parser.add_argument("--help-config", action="store_true", help="list every config field")
@@ -78,13 +81,24 @@ def resolve_config(args, overrides: list[str]):
     from dsmoe.train.checkpoint import CheckpointError
     from dsmoe.train.state import checkpoint_config
 
-    if args.config is not None or args.resume in (None, "", "none", "auto"):
-        return load_config(args.config or DEFAULT_CONFIG, overrides)
-    try:
-        stored = checkpoint_config(args.resume)
-    except CheckpointError as e:
-        raise ConfigError(str(e)) from None
-    return config_from_tree(stored, overrides)
+    if args.config is None and args.resume not in (None, "", "none", "auto"):
+        try:
+            return config_from_tree(checkpoint_config(args.resume), overrides)
+        except CheckpointError as e:
+            raise ConfigError(str(e)) from None
+    cfg = load_config(args.config or DEFAULT_CONFIG, overrides)
+    if args.init_from and args.config is None:  # the source's model (and tokenizer), the default run's rest
+        from dsmoe.config import MODEL_SECTIONS
+        from dsmoe.train.init_from import init_config
+
+        try:
+            source = init_config(args.init_from)
+        except CheckpointError as e:
+            raise ConfigError(str(e)) from None
+        tree = {**cfg.to_dict(), **{k: source[k] for k in MODEL_SECTIONS},
+                "data": {**cfg.to_dict()["data"], "tokenizer": source["data"]["tokenizer"]}}
+        cfg = config_from_tree(tree, overrides)
+    return cfg
 
 
 def set_cpu_threads(requested: int = 0) -> int:
@@ -172,7 +186,7 @@ def run_training(argv: list[str], description: str) -> int:
             return 0
         from dsmoe.train.trainer import Trainer
 
-        trainer = Trainer(cfg, resume=args.resume)
+        trainer = Trainer(cfg, resume=args.resume, init_from=args.init_from)
         result = trainer.fit()
         if RANK == 0:
             for line in summary(trainer, result, argv):

@@ -117,7 +117,8 @@ class DataConfig:
                                           "(null = on for hf: sources)")
     hf_data_files: Optional[str] = doc(None, "hf: data files (a glob) for builders like hf:parquet, hf:json")
     streams: Optional[int] = doc(None, "streaming: disjoint streams the corpus is split into (null = one per "
-                                       "shard, at least the world size); a resume may use at most this many ranks")
+                                       "shard, at least the world size, at most 64); a resume may use at most "
+                                       "this many ranks")
     shuffle_buffer: int = doc(1024, "streaming: rows shuffled together (1 = the dataset's order)")
     workers: int = doc(1, "streaming: tokenizer processes per rank (0 = in the training process)")
     val_documents: int = doc(1000, "streaming: validation documents (the first of stream 0, never trained on)")

@@ -34,7 +34,7 @@ class TrainData:
                 d.source, d.tokenizer, t.seq_len, t.micro_batch, rank=m.rank, world=m.world, seed=t.seed,
                 data_files=d.hf_data_files, hf_config=d.hf_config, split=d.split, text_field=d.text_field,
                 streams=d.streams, shuffle_buffer=d.shuffle_buffer, workers=d.workers,
-                val_documents=d.val_documents if t.eval_every else 0, val_split=d.val_split)
+                val_documents=d.val_documents, val_split=d.val_split)
             self.train_tokens = None  # unknown until read
             val_tokens = self.stream.validation_tokens() if t.eval_every else []
         else:

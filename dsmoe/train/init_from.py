@@ -1,0 +1,45 @@
+"""Start training from weights made elsewhere: a transformers checkpoint directory (`--init-from-hf`),
+or the model tensors of a dsmoe checkpoint (`--init-from`, e.g. the weights-only file that
+`python -m dsmoe.export --from-hf` writes). Only the weights are taken: a fresh AdamW, step 0."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from dsmoe.config import Config, ConfigError
+from dsmoe.train.checkpoint import CheckpointError, is_sharded, load_checkpoint
+
+
+def is_hf_dir(path: str | Path) -> bool:
+    return (Path(path) / "config.json").is_file()
+
+
+def init_config(source: str | Path, tokenizer: str | None = None) -> dict:
+    """The config (as a tree) the source's weights were made with."""
+    if is_hf_dir(source):
+        from dsmoe.interop.hf_config import config_from_hf
+        from dsmoe.interop.tokenizer_files import detect_tokenizer
+
+        return config_from_hf(source, tokenizer=tokenizer or detect_tokenizer(source)).to_dict()
+    from dsmoe.train.state import checkpoint_config
+
+    return checkpoint_config(source)
+
+
+def init_weights_of(source: str | Path, cfg: Config) -> dict[str, torch.Tensor]:
+    """Whole (single-process shaped) model tensors by dsmoe name. Raises CheckpointError/ConfigError."""
+    if is_hf_dir(source):
+        from dsmoe.interop.hf_weights import load_hf_weights
+
+        try:
+            return load_hf_weights(source, cfg)
+        except ValueError as e:  # an architecture or tensor dsmoe cannot take: the message names it
+            raise ConfigError(f"--init-from-hf {source}: {e}") from None
+    if not Path(source).exists():
+        raise CheckpointError(f"--init-from {source}: no such checkpoint or transformers directory")
+    if is_sharded(source):
+        from dsmoe.train.sharded_checkpoint import to_file_state
+
+        return to_file_state(Path(source))["model"]
+    return load_checkpoint(source)["model"]
