@@ -132,10 +132,14 @@ def spawn(key: str, cmd: list[str], cap: float, env: dict) -> tuple[object, str]
     lines: list[str] = []
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
-    deadline = time.perf_counter() + cap
+    killed = []
 
     def on_alarm(*_):
-        os.killpg(proc.pid, signal.SIGKILL)
+        killed.append(True)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # it ended as the alarm went off
+            pass
 
     signal.signal(signal.SIGALRM, on_alarm)
     signal.setitimer(signal.ITIMER_REAL, cap)
@@ -146,9 +150,7 @@ def spawn(key: str, cmd: list[str], cap: float, env: dict) -> tuple[object, str]
         rc = proc.wait()
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
-    if time.perf_counter() >= deadline:
-        rc = "timeout"
-    return rc, "".join(lines)[-3000:]
+    return ("timeout" if killed else rc), "".join(lines)[-3000:]
 
 
 def install_wheels(folder: Path, work: Path) -> dict:
