@@ -133,3 +133,24 @@ def test_off_ranks_and_errors(tmp_path, monkeypatch):
         Trackers(tmp_path, wandb=True)
     with pytest.raises(ValueError, match="log.wandb must be"):
         Trackers(tmp_path, wandb="sometimes")
+
+
+def test_a_training_run_writes_its_rows_to_tensorboard(tmp_path, data_cache):
+    """log.tensorboard=true in a run: the event file holds each logged step's loss, the validation loss
+    and the samples, equal to metrics.jsonl's."""
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from conftest import small_config
+    from dsmoe.train.trainer import Trainer
+
+    Trainer(small_config(tmp_path, data_cache, "--train.steps=2", "--log.tensorboard=true", "--train.eval_every=2",
+                         "--train.sample_every=2", "--train.sample_tokens=4")).fit()
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    logged = {e.step: e.value for e in events.Scalars("train/loss")}
+    assert logged == pytest.approx({r["step"]: r["loss"] for r in rows if "loss" in r})
+    assert [e.step for e in events.Scalars("val/val_loss")] == [2]
+    assert any("samples" in tag for tag in events.Tags()["tensors"])
