@@ -40,11 +40,12 @@ def test_ddp_equals_single_process_with_the_whole_batch(tmp_path, data_cache, wo
 
 
 def test_ddp_resume_is_exact_and_moves_between_world_sizes(tmp_path, data_cache):
-    """Global batch 8 throughout: world 2 x 4, then resumed at world 2, world 4 (x 2) and world 1 (x 8)."""
+    """Global batch 8 throughout: world 2 x 4, then resumed at world 2, world 4 (x 2) and world 1 (x 8)
+    from the sharded directory world 2 writes by default."""
     full = run_workers(train_worker, 2, (tmp_path / "full", data_cache, ["--train.micro_batch=4"], None))[0]
     run_workers(train_worker, 2, (tmp_path / "split", data_cache,
                                   ["--train.micro_batch=4", "--train.stop_after=3"], None))
-    ckpt = str(tmp_path / "split" / "checkpoints" / "step_0000003.pt")
+    ckpt = str(tmp_path / "split" / "checkpoints" / "step_0000003")
     same_world = run_workers(train_worker, 2, (tmp_path / "w2", data_cache, ["--train.micro_batch=4"], ckpt))[0]
     assert same_world["losses"] == full["losses"][3:]
     assert all(torch.equal(same_world["state"][k], full["state"][k]) for k in full["state"])
@@ -70,4 +71,4 @@ def test_two_torchrun_agents_meet_over_c10d(tmp_path, data_cache):
     outputs = [a.communicate(timeout=300)[0] for a in agents]
     assert all(a.returncode == 0 for a in agents), "\n".join(outputs)
     assert any("world 2 (edp 2 x ep 1, DDP)" in o for o in outputs)
-    assert (tmp_path / "run" / "checkpoints" / "step_0000003.pt").exists()
+    assert (tmp_path / "run" / "checkpoints" / "step_0000003" / "meta.pt").exists()  # sharded at world 2

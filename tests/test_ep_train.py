@@ -69,8 +69,9 @@ def runs(tmp_path_factory, data_cache):
     r = {"dirs": {}}
 
     def job(name, overrides, resume=None, expect_error=False):
-        r["dirs"][name] = d / name
-        return {"name": name, "dir": d / name, "overrides": overrides, "resume": resume, "expect_error": expect_error}
+        r["dirs"][name] = d / name  # single files, whatever the world size: the layout-free file is the point
+        return {"name": name, "dir": d / name, "overrides": overrides + ["--checkpoint.format=file"], "resume": resume,
+                "expect_error": expect_error}
 
     b8, b4, b2 = ["--train.micro_batch=8"], ["--train.micro_batch=4"], ["--train.micro_batch=2"]
     ep1, ep2, ep4 = ["--parallel.ep=1"], ["--parallel.ep=2"], ["--parallel.ep=4"]

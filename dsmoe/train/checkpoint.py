@@ -1,12 +1,13 @@
 """Single-file checkpoints: everything needed to continue, atomic writes, keep-last-K, strict loads.
 
-A checkpoint holds only tensors and primitives, so `torch.load(path, weights_only=True)` reads it.
-Run directories hold single files `step_N.pt` and sharded directories `step_N/` (sharded_checkpoint.py)
-side by side; listing, `--resume auto` and keep-last-K treat both as checkpoints.
+A checkpoint holds only tensors and primitives, so `torch.load(path, weights_only=True)` reads it;
+dsmoe reads it memory-mapped, so each rank of a resume reads only the parts it keeps. Its checksum is
+taken while it is written and verified in parts (checksum.py). Run directories hold single files
+`step_N.pt` and sharded directories `step_N/` (sharded_checkpoint.py) side by side; listing,
+`--resume auto` and keep-last-K treat both as checkpoints.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+
+from dsmoe.train import checksum
 
 FORMAT = "dsmoe-checkpoint-v1"
 NAME = re.compile(r"^step_(\d+)(\.pt)?$")
@@ -71,39 +74,18 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def tensor_checksum(state: dict) -> str:
-    """sha256 over every tensor's bytes and every primitive, in key order."""
-    h = hashlib.sha256()
-
-    def feed(obj, key: str) -> None:
-        h.update(key.encode())
-        if isinstance(obj, torch.Tensor):
-            t = obj.detach().cpu().contiguous()
-            h.update(str((t.dtype, tuple(t.shape))).encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-        elif isinstance(obj, dict):
-            for k in sorted(obj, key=str):
-                feed(obj[k], f"{key}.{k}")
-        elif isinstance(obj, (list, tuple)):
-            for i, v in enumerate(obj):
-                feed(v, f"{key}[{i}]")
-        else:
-            h.update(repr(obj).encode())
-
-    feed(state, "")
-    return h.hexdigest()
-
-
 def save_checkpoint(state: dict, path: str | Path, keep_last: Optional[int] = None,
                     before_commit: Optional[Callable[[], None]] = None) -> Path:
     """Write to a temporary name, fsync, rename: a crash mid-save leaves the previous file intact.
 
-    The file carries a checksum of its contents, checked on load."""
+    The file carries sha256 digests of its bytes, taken as they are written (checksum.py), checked on load."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
-        torch.save({"format": FORMAT, "checksum": tensor_checksum(state), **state}, f)
+        writer = checksum.DigestWriter(f, checksum.chunk_size(checksum.tensor_bytes(state)))
+        torch.save({"format": FORMAT, **state}, writer)
+        writer.seal()
         f.flush()
         os.fsync(f.fileno())
     if before_commit is not None:
@@ -152,16 +134,33 @@ def peek(path: str | Path) -> dict:
     return {k: v for k, v in _open(Path(path)).items() if k not in ("model", "optimizer")}
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """The whole checkpoint, its checksum verified."""
+def load_checkpoint(path: str | Path, verify: bool = True) -> dict:
+    """The whole checkpoint, memory-mapped (tensors are read where they are used); with `verify`, its
+    checksum checked first (a caller that verifies in parts, `checksum_problem`, passes False)."""
     path = Path(path)
     state = _open(path)
-    expected = state.pop("checksum", None)
-    payload = {k: v for k, v in state.items() if k != "format"}
-    if expected is None or tensor_checksum(payload) != expected:
-        raise CheckpointError(f"checkpoint '{path}' fails its checksum (its contents changed after it was written); "
-                              f"resume from an earlier checkpoint in {path.parent}")
+    if verify:
+        raise_if_corrupt(path, [checksum_problem(path, state)])
+    state.pop("checksum", None)
     return state
+
+
+def checksum_problem(path: Path, state: dict, part: int = 0, parts: int = 1) -> Optional[str]:
+    """What is wrong with chunks part, part + parts, ... of the file (None: nothing). Files written
+    before the streamed digests carry one digest of their contents instead: part 0 checks it."""
+    if "checksum" not in state:
+        return checksum.problem(path, part, parts)
+    payload = {k: v for k, v in state.items() if k not in ("format", "checksum")}
+    if part == 0 and checksum.content_digest(payload) != state["checksum"]:
+        return "its contents changed after it was written"
+    return None
+
+
+def raise_if_corrupt(path: Path, problems: list[Optional[str]]) -> None:
+    found = [p for p in problems if p]
+    if found:
+        raise CheckpointError(f"checkpoint '{path}' fails its checksum ({found[0]}); "
+                              f"resume from an earlier checkpoint in {path.parent}")
 
 
 def _is_zip(path: Path) -> bool:

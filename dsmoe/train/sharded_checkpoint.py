@@ -1,5 +1,5 @@
 """Sharded checkpoints: a torch.distributed.checkpoint (DCP) directory per step, written by every rank
-in parallel, that any layout (world size, ep, DDP or FSDP2) resumes.
+in parallel, that any layout (world size, ep, DDP or FSDP2) resumes; the default at world > 1.
 
     checkpoints/step_0000100/
         __0_0.distcp ...    tensor shards, one file per rank (DCP)
@@ -7,12 +7,11 @@ in parallel, that any layout (world size, ep, DDP or FSDP2) resumes.
         meta.pt             progress, scaler, guard, RNG, config, layout (rank 0, written last)
 
 Keys: `model.<name>` and `optimizer.<param name>.<state>` (exp_avg, exp_avg_sq, step), each a global
-tensor at the single-process shape: FSDP shards are DTensors already, and an expert stack is presented
-as a DTensor over an (ep, edp) mesh, so DCP can cut it differently on load. The tensors handed to DCP
-share storage with the live parameters and optimizer state: saving reads them, loading writes into them.
-
-The directory is written as `.step_N.tmp` and renamed once complete, so `--resume auto` never sees a
-partial one. `python -m dsmoe.train.convert` turns it into one `step_N.pt` file and back.
+tensor at the single-process shape (`ShardedState`). The directory is written as `.step_N.tmp` and
+renamed once complete, so `--resume auto` never sees a partial one. With `checkpoint.async_save` the
+shards are written on a background thread (`dcp.async_save`, after a host copy is staged) and rank 0
+renames when every rank's are written. `python -m dsmoe.train.convert` turns a directory into one
+`step_N.pt` file and back.
 """
 from __future__ import annotations
 
@@ -21,6 +20,7 @@ import functools
 import os
 import shutil
 import warnings
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -28,11 +28,12 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from dsmoe.parallel.expert_state import ExpertShards
-from dsmoe.parallel.fsdp import local
+from dsmoe.parallel.fsdp import local, place_shard
 from dsmoe.parallel.mesh import Mesh
 from dsmoe.train.checkpoint import SHARDED_META, CheckpointError, fsync_dir, prune
 
@@ -54,7 +55,14 @@ def expert_mesh(mesh: Mesh) -> DeviceMesh:
 
 
 class ShardedState:
-    """The live model and optimizer as DCP sees them: global tensors over this rank's storage."""
+    """The live model and optimizer as checkpoints see them: every tensor at its single-process shape,
+    over this rank's storage (saving reads it, loading writes into it).
+
+    Names and optimizer state come from DCP's `get_state_dict` (parameter names rather than optimizer
+    indices; it creates AdamW's state for a load to write into). FSDP2 shards are DTensors already. An
+    expert stack split over ep is a plain [E/ep, ...] tensor in the live model (the experts compute on
+    their local rows), which DCP's state-dict API cannot see as part of a whole: it is presented here
+    as a DTensor over the (ep, edp) mesh, global [E, ...] with this rank's rows local."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, mesh: Mesh,
                  experts: Optional[ExpertShards], fsdp: bool):
@@ -63,74 +71,138 @@ class ShardedState:
 
     @functools.cached_property
     def experts_mesh(self) -> DeviceMesh:
-        """Built on first use, not at start-up: its process groups only serve sharded checkpoints (every
-        rank saves and loads together, so every rank builds it at the same point)."""
+        """Built on first use, not at start-up: its process groups only serve checkpoints (every rank
+        saves and loads together, so every rank builds it at the same point)."""
         return expert_mesh(self.mesh)
 
-    def _view(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        if name not in self.expert_names:
-            return t  # replicated (DDP) or an FSDP DTensor: DCP reads both as they are
+    def _global(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        if name not in self.expert_names or t.dim() == 0:
+            return t  # replicated (DDP), an FSDP DTensor, or AdamW's step count
         shard = local(t)
         shape = (self.experts.n_experts, *t.shape[1:])
         stride = torch.empty(shape, device="meta").stride()
         placements = (Shard(0), Shard(0) if self.fsdp else Replicate())
         return DTensor.from_local(shard, self.experts_mesh, placements, shape=torch.Size(shape), stride=stride)
 
-    def tensors(self) -> dict:
-        out = {f"model.{k}": self._view(k, v) for k, v in self.model.state_dict().items()}
+    def param_names(self) -> list[str]:
+        """Parameter names in optimizer order (index i of a single file's optimizer state)."""
         names = {id(p): n for n, p in self.model.named_parameters()}
-        for group in self.optimizer.param_groups:
-            for p in group["params"]:
-                for key, v in self.optimizer.state.get(p, {}).items():
-                    if torch.is_tensor(v):
-                        name = names[id(p)]
-                        out[f"optimizer.{name}.{key}"] = self._view(name, v) if v.shape == p.shape else v
+        return [names[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
+
+    def view(self, create_optimizer_state: bool = False) -> tuple[dict, dict]:
+        """(model {name: tensor}, optimizer {param name: {key: value}}). The optimizer part is empty
+        before the first step unless `create_optimizer_state` (then AdamW's state is created, zero)."""
+        if self.optimizer.state or create_optimizer_state:
+            model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        else:
+            model_sd, optim_sd = get_model_state_dict(self.model), {"state": {}}
+        model = {k: self._global(k, v) for k, v in model_sd.items()}
+        optim = {n: {k: self._global(n, v) if torch.is_tensor(v) else v for k, v in per.items()}
+                 for n, per in optim_sd["state"].items()}
+        return model, optim
+
+    def init_optimizer_state(self) -> None:
+        """Create AdamW's state (zero moments) if no step has: what a load writes into."""
+        self.view(create_optimizer_state=True)
+
+    def tensors(self, create_optimizer_state: bool = False) -> dict:
+        """The view as DCP's flat keys."""
+        model, optim = self.view(create_optimizer_state)
+        out = {f"model.{k}": v for k, v in model.items()}
+        out.update({f"optimizer.{n}.{k}": v for n, per in optim.items() for k, v in per.items() if torch.is_tensor(v)})
         return out
 
-    @torch.no_grad()
-    def init_optimizer_state(self) -> None:
-        """DCP loads in place, so AdamW's state must exist: one step with zero gradients and lr 0
-        creates it and leaves every parameter as it was."""
-        if self.optimizer.state:
-            return
-        saved = [(g["lr"], g["weight_decay"]) for g in self.optimizer.param_groups]
-        for g in self.optimizer.param_groups:
-            g["lr"] = g["weight_decay"] = 0.0
-            for p in g["params"]:
-                p.grad = torch.zeros_like(p)
-        self.optimizer.step()
-        for g, (lr, wd) in zip(self.optimizer.param_groups, saved):
-            g["lr"], g["weight_decay"] = lr, wd
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def load(self, path: Path) -> None:
-        self.init_optimizer_state()
+    def load(self, path: Path, group: Optional[dist.ProcessGroup] = None) -> None:
+        """Read a sharded directory into the live tensors, each rank its own chunks (`group`: the
+        process group DCP plans over)."""
+        saved_optimizer = any(k.startswith("optimizer.") for k in tensor_shapes(path))
+        if not saved_optimizer:  # saved before the first step: so is this optimizer
+            self.optimizer.state.clear()
         with _quiet_single_process():
-            dcp.load(self.tensors(), checkpoint_id=str(path), no_dist=not dist.is_initialized())
+            dcp.load(self.tensors(saved_optimizer), checkpoint_id=str(path), process_group=group,
+                     no_dist=not dist.is_initialized())
+
+    @torch.no_grad()
+    def gather(self) -> tuple[dict, dict]:
+        """The whole model and optimizer state on rank 0's host, whole tensors gathered one at a time;
+        the other ranks get empty dicts and hold at most one whole tensor at a time. These are the
+        semantics of DCP's `StateDictOptions(full_state_dict=True, cpu_offload=True)`, applied to the
+        view because its expert stacks are whole there (in the model they are slices). Every rank must
+        call it."""
+        model, optim = self.view()
+        keep = self.mesh.is_main
+
+        def whole(t):
+            t = t.full_tensor() if isinstance(t, DTensor) else t  # a collective over the tensor's mesh
+            if not keep:
+                return None  # dropped at once: the next tensor reuses the memory
+            return t.cpu() if torch.is_tensor(t) else t
+
+        out_model = {k: whole(v) for k, v in model.items()}
+        out_optim = {n: {k: whole(v) for k, v in optim[n].items()} for n in self.param_names() if n in optim}
+        return (out_model, out_optim) if keep else ({}, {})
+
+    @torch.no_grad()
+    def place(self, model_state: dict, optim_state: dict) -> None:
+        """Copy whole (single-process shaped) tensors, e.g. of a memory-mapped file, into the live ones:
+        each rank copies (and so reads) only its part. Not DCP's set_state_dict(full_state_dict=True):
+        it scatters every tensor from rank 0, which would read the whole file there, and cannot put an
+        [E, ...] expert stack into an EP rank's plain slice. `optim_state`: {param name: {key: value}}."""
+        model, optim = self.view(create_optimizer_state=bool(optim_state))
+        if not optim_state:
+            self.optimizer.state.clear()
+        for k, v in model.items():
+            place_shard(v, model_state[k])
+        for n, per in optim.items():
+            for k, v in per.items():
+                if torch.is_tensor(v):
+                    place_shard(v, optim_state[n][k])
 
 
-def save_sharded(tensors: dict, meta: dict, path: Path, keep_last: Optional[int], mesh: Mesh,
-                 before_commit: Optional[Callable[[], None]] = None) -> Optional[Path]:
-    """Every rank calls it. Rank 0 adds meta.pt and commits by renaming; returns the path on rank 0."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    if mesh.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted save
-        tmp.mkdir(parents=True)
-    if mesh.distributed:
-        dist.barrier()
+def write_shards(tensors: dict, directory: Path, group: Optional[dist.ProcessGroup],
+                 background: bool = False) -> Optional[Future]:
+    """Every rank writes its chunks of `tensors` into `directory` (DCP planning over `group`). With
+    `background`, returns once a host copy of them is staged; the future completes when every rank's
+    chunks and the index are written (dcp.async_save, on a thread; it needs a CPU process group)."""
     with _quiet_single_process():
-        dcp.save(tensors, checkpoint_id=str(tmp), no_dist=not mesh.distributed)
-    committed = None
-    if mesh.is_main:
-        write_meta(meta, tmp)
-        if before_commit is not None:
-            before_commit()
-        commit(tmp, path)
-        prune(path.parent.parent, keep_last, path)
-        committed = path
-    if mesh.distributed:
-        dist.barrier()
-    return committed
+        if background:
+            return dcp.async_save(tensors, checkpoint_id=str(directory), process_group=group, no_dist=group is None)
+        dcp.save(tensors, checkpoint_id=str(directory), process_group=group, no_dist=group is None)
+    return None
+
+
+def then(future: Future, fn: Optional[Callable[[], object]]) -> Future:
+    """A future of `fn()` run (on the thread that completes `future`) once `future` succeeds."""
+    out: Future = Future()
+
+    def finish(done: Future) -> None:
+        try:
+            done.result()
+            out.set_result(fn() if fn is not None else None)
+        except BaseException as e:  # handed to whoever waits on `out`
+            out.set_exception(e)
+
+    future.add_done_callback(finish)
+    return out
+
+
+def staging_dir(path: Path) -> Path:
+    """The empty temporary directory a save of `path` writes into (left-overs of an interrupted one removed)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def commit_sharded(tmp: Path, path: Path, meta: dict, keep_last: Optional[int],
+                   before_commit: Optional[Callable[[], None]] = None) -> Path:
+    """Rank 0, once every rank's chunks are in `tmp`: meta.pt last, rename, prune."""
+    write_meta(meta, tmp)
+    if before_commit is not None:
+        before_commit()
+    commit(tmp, path)
+    prune(path.parent.parent, keep_last, path)
+    return path
 
 
 def write_meta(meta: dict, directory: Path) -> None:
@@ -179,19 +251,20 @@ def model_shapes(path: Path) -> dict[str, torch.Tensor]:
             for k, size in tensor_shapes(path).items() if k.startswith("model.")}
 
 
+# ------------------------------------------------------------------ one process: the converter, inference
+# format_utils' dcp_to_torch_save / torch_save_to_dcp convert DCP's own keys one to one; a dsmoe file
+# keys the optimizer state by parameter index (what optimizer.load_state_dict takes), carries meta.pt's
+# contents beside the tensors, and is read with weights_only (torch_save_to_dcp unpickles anything):
+# hence the mapping below.
+
 def read_all(path: Path) -> dict:
     """Every tensor of a sharded directory, whole, into this process (no process group needed)."""
-    shapes = tensor_shapes(path)
-    tensors = {}
-    for key, size in shapes.items():
-        tensors[key] = torch.empty(size, dtype=_dtype(path, key))
+    metadata = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    tensors = {key: torch.empty(size, dtype=metadata[key].properties.dtype)
+               for key, size in tensor_shapes(path).items()}
     with _quiet_single_process():
         dcp.load(tensors, checkpoint_id=str(path), no_dist=True)
     return tensors
-
-
-def _dtype(path: Path, key: str) -> torch.dtype:
-    return FileSystemReader(str(path)).read_metadata().state_dict_metadata[key].properties.dtype
 
 
 def param_order(cfg_dict: dict, vocab_size: int) -> tuple[list[str], list[str]]:
@@ -241,12 +314,8 @@ def from_file_state(state: dict) -> tuple[dict, dict]:
 def save_unsharded_as_sharded(state: dict, path: Path) -> Path:
     """One process writes a single-file checkpoint's state as a sharded directory."""
     tensors, meta = from_file_state(state)
-    tmp = path.with_name(f".{path.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    with _quiet_single_process():
-        dcp.save(tensors, checkpoint_id=str(tmp), no_dist=True)
+    tmp = staging_dir(path)
+    write_shards(tensors, tmp, None)
     write_meta(meta, tmp)
     commit(tmp, path)
     return path
-

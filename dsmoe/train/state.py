@@ -110,10 +110,22 @@ class Checkpoints:
         return newest_checkpoint(self.t.run_dir, self.t.mesh)
 
     def wait(self) -> None:
-        """Return once the asynchronous save in flight, if any, is committed; raise its error."""
+        """Return once the asynchronous save in flight, if any, is committed; every rank calls it (the
+        others wait for rank 0's commit here, under checkpoint.timeout_s) and raises its error alike."""
         pending, self.pending = self.pending, None
-        if pending is not None:
+        if pending is None:
+            return
+        try:
             pending.result()
+            problems = [None]
+        except Exception as e:  # DCP's write (every rank alike) or rank 0's commit
+            problems = [f"{type(e).__name__}: {e}"]
+        if self.t.mesh.distributed:
+            mine, problems = problems[0], [None] * self.t.mesh.world
+            dist.all_gather_object(problems, mine, group=self.group)
+        found = [p for p in problems if p]
+        if found:
+            raise CheckpointError(f"the checkpoint written in the background failed: {found[0]}")
 
     # ---------------------------------------------------------------- contents
 
