@@ -8,7 +8,10 @@ from pathlib import Path
 import torch
 
 from dsmoe.config import Config, ConfigError
-from dsmoe.train.checkpoint import CheckpointError, is_sharded, load_checkpoint
+from dsmoe.model import Transformer
+from dsmoe.parallel.expert_state import is_expert_param
+from dsmoe.parallel.fsdp import place_shard
+from dsmoe.train.checkpoint import CheckpointError, check_compatible, is_sharded, load_checkpoint
 
 
 def is_hf_dir(path: str | Path) -> bool:
@@ -43,3 +46,24 @@ def init_weights_of(source: str | Path, cfg: Config) -> dict[str, torch.Tensor]:
 
         return to_file_state(Path(source))["model"]
     return load_checkpoint(source)["model"]
+
+
+@torch.no_grad()
+def load_weights(trainer, source: str) -> None:
+    """Whole tensors from `source` into this rank's parameters (its experts, its FSDP shards)."""
+    whole = init_weights_of(source, trainer.cfg)
+    with torch.device("meta"):  # the single-process shapes the source holds
+        shapes = Transformer(trainer.cfg, trainer.vocab_size).state_dict()
+    check_compatible({"config": trainer.cfg.to_dict(), "model": whole}, trainer.cfg.model_dict(), shapes, source)
+    place = place_shard if trainer.fsdp else (lambda param, value: param.copy_(value))
+    modules = dict(trainer.model.named_modules())
+    for name, param in trainer.model.named_parameters():
+        value = whole[name]
+        if is_expert_param(name):  # this EP rank's rows
+            first = modules[name.rsplit(".", 1)[0]].first
+            value = value[first:first + param.shape[0]]
+        place(param, value)
+    for name, buf in trainer.model.named_buffers():
+        if name in whole:  # the routing bias
+            buf.copy_(whole[name])
+    trainer.log.print(f"initialised from {source}")

@@ -27,9 +27,9 @@ from dsmoe.parallel.fsdp import apply_fsdp, grad_norm_sets, optional_no_sync, pl
 from dsmoe.parallel.mesh import Mesh, init_mesh, missing_ranks, set_timeout
 from dsmoe.parallel.wrap import block_fn_for, compile_blocks, wrap_ddp
 from dsmoe.train import run_dir as rundir
-from dsmoe.train.checkpoint import check_compatible, is_sharded, peek, resolve_resume
+from dsmoe.train.checkpoint import is_sharded, peek, resolve_resume
 from dsmoe.train.faults import FaultInjector
-from dsmoe.train.init_from import init_weights_of
+from dsmoe.train.init_from import load_weights
 from dsmoe.train.guard import Guard, GuardPolicy, params_all_finite
 from dsmoe.train.optim import build_optimizer, clip_grad_norm
 from dsmoe.train.data import TrainData
@@ -101,7 +101,7 @@ class Trainer:
             if hasattr(moe.dispatcher, "timer"):  # expert parallelism: time the all-to-alls
                 moe.dispatcher.timer = self.timer
         if init_from is not None and self.resumed_from is None:
-            self._load_weights(init_from)
+            load_weights(self, init_from)
         saved = self.restore(self.resumed_from) if self.resumed_from is not None else None
         self.schedule = schedule_of(saved, t)
         self.schedule_change = self.schedule.extend(self.progress.sched_step)
@@ -139,26 +139,6 @@ class Trainer:
         E, drops = self.cfg.moe.n_routed_experts, self.cfg.moe.capacity_factor is not None
         return Transformer(self.cfg, self.vocab_size,
                            dispatcher_factory=lambda layer: make_dispatcher(E, self.mesh, drops=drops))
-
-    @torch.no_grad()
-    def _load_weights(self, source: str) -> None:
-        """Whole tensors from `source` into this rank's parameters (its experts, its FSDP shards)."""
-        whole = init_weights_of(source, self.cfg)
-        with torch.device("meta"):  # the single-process shapes the source holds
-            shapes = Transformer(self.cfg, self.vocab_size).state_dict()
-        check_compatible({"config": self.cfg.to_dict(), "model": whole}, self.cfg.model_dict(), shapes, source)
-        place = place_shard if self.fsdp else (lambda param, value: param.copy_(value))
-        modules = dict(self.model.named_modules())
-        for name, param in self.model.named_parameters():
-            value = whole[name]
-            if is_expert_param(name):  # this EP rank's rows
-                first = modules[name.rsplit(".", 1)[0]].first
-                value = value[first:first + param.shape[0]]
-            place(param, value)
-        for name, buf in self.model.named_buffers():
-            if name in whole:  # the routing bias
-                buf.copy_(whole[name])
-        self.log.print(f"initialised from {source}")
 
     def restore(self, path: Path) -> dict:
         return self.checkpoints.restore(path)
