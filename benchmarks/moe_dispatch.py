@@ -55,6 +55,7 @@ if str(REPO_ROOT) not in sys.path:  # `python benchmarks/moe_dispatch.py` withou
 from benchmarks.common import device_name, print_table, time_fn, write_results  # noqa: E402
 from dsmoe.config import load_config  # noqa: E402
 from dsmoe.model import moe as moe_mod  # noqa: E402
+from dsmoe.model.grouped_mm import GROUPED_MM  # noqa: E402
 from dsmoe.model.moe import MoE, SwiGLU  # noqa: E402
 
 SHAPES = {
@@ -295,7 +296,7 @@ def run_single(args) -> dict:
         "loop_iters": args.loop_iters,
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
         "quick": args.quick,
-        "grouped_mm_fn": getattr(getattr(moe_mod, "_GROUPED_MM", None), "__name__", None),
+        "grouped_mm_fn": getattr(GROUPED_MM, "__name__", None),
         "rows": rows,
         "goals": goal_rows,
         "all_goals_met": all(gl["met"] for gl in goal_rows if gl["met"] is not None),

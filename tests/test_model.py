@@ -266,7 +266,7 @@ def test_grouped_gemm_out_of_memory_propagates(monkeypatch):
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(moe_mod, "_GROUPED_MM", out_of_memory)
+    monkeypatch.setattr(moe_mod, "grouped_mm", out_of_memory)
     monkeypatch.setattr(moe_mod, "_warned", set())
     ex, x, counts = _experts_and_rows()
     with pytest.raises(torch.OutOfMemoryError):
@@ -283,7 +283,7 @@ def test_a_fallback_to_the_loop_warns_once_with_its_reason_and_equals_the_loop(w
     if why == "no_kernel":
         def not_implemented(*args, **kwargs):
             raise NotImplementedError("Could not run 'aten::_grouped_mm' with arguments from the 'XLA' backend")
-        monkeypatch.setattr(moe_mod, "_GROUPED_MM", not_implemented)
+        monkeypatch.setattr(moe_mod, "grouped_mm", not_implemented)
     ex, x, counts = _experts_and_rows(torch.float64 if why == "dtype" else torch.float32)  # fp64: no grouped_mm
     with pytest.warns(RuntimeWarning) as record:
         outs = [ex(x, counts) for _ in range(3)]

@@ -29,6 +29,7 @@ class Dispatcher:
     """Moves each token's top-k copies to the experts' owners and the results back."""
 
     n_local_experts: int
+    syncs_host = False  # copies data-dependent sizes to the host (compiled models run it eagerly)
 
     def dispatch(self, x_TD: torch.Tensor, topk_idx_TK: torch.Tensor,
                  overlap: Optional[Callable[[], object]] = None):

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from dsmoe.config import Config
 from dsmoe.model.dispatch import Dispatcher, LocalDispatcher, count_per_expert
+from dsmoe.model.grouped_mm import GROUPED_MM, GROUPED_MM_DTYPES, grouped_mm
 
 
 class SwiGLU(nn.Module):
@@ -117,10 +118,6 @@ def update_expert_bias(router: Router, counts_E: torch.Tensor, rate: float) -> N
         router.expert_bias += rate * torch.sign(counts_E.mean() - counts_E)
 
 
-_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-# aten's _grouped_mm_validate_inputs accepts these; on CUDA bf16 on sm90/sm100 runs a CUTLASS grouped
-# kernel, every other case (fp16 and fp32, or older GPUs such as the T4) aten's per-group loop
-GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _warned: set = set()  # fallback reasons already warned about (once per process each)
 _no_kernel: dict = {}  # (device type, dtype) -> the NotImplementedError grouped_mm raised there
 
@@ -173,7 +170,7 @@ class GroupedExperts(nn.Module):
     def fallback_reason(self, x_ND: torch.Tensor) -> str | None:
         """Why rows like `x_ND` (in their compute dtype) cannot take grouped_mm; None when they can."""
         dev, dtype = x_ND.device.type, x_ND.dtype
-        if _GROUPED_MM is None:
+        if GROUPED_MM is None:
             return f"torch {torch.__version__} has no grouped_mm (torch >= 2.8 has)"
         if dtype not in GROUPED_MM_DTYPES:
             return f"grouped_mm takes fp32, bf16 and fp16, not {dtype} (on {dev})"
@@ -187,8 +184,8 @@ class GroupedExperts(nn.Module):
     @staticmethod
     def _grouped(x_ND, counts_E, w_gate, w_up, w_down):
         offs = torch.cumsum(counts_E, 0, dtype=torch.int32)
-        h = F.silu(_GROUPED_MM(x_ND, w_gate, offs=offs)) * _GROUPED_MM(x_ND, w_up, offs=offs)
-        return _GROUPED_MM(h, w_down, offs=offs)
+        h = F.silu(grouped_mm(x_ND, w_gate, offs)) * grouped_mm(x_ND, w_up, offs)
+        return grouped_mm(h, w_down, offs)
 
     @staticmethod
     def _loop(x_ND, counts_E, w_gate, w_up, w_down):
@@ -231,10 +228,23 @@ class MoE(nn.Module):
         routing = run_local(self.router, x_TD, B)
         if torch.is_autocast_enabled(x_TD.device.type):  # move and gather tokens in the compute dtype
             x_TD = x_TD.to(torch.get_autocast_dtype(x_TD.device.type))
-        shared_fn = (lambda: run_local(self.shared, x_TD)) if self.shared is not None else None
-        expert_x, counts, handle = self.dispatcher.dispatch(x_TD, routing.topk_idx, overlap=shared_fn)
-        expert_y = run_local(self.experts, expert_x, counts)
-        y_TD = self.dispatcher.combine(expert_y, routing.topk_weight, handle).to(x_BSD.dtype)
-        if self.shared is not None:
-            y_TD = y_TD + handle.overlap_result
+        route = _route_eager if self.dispatcher.syncs_host else _route
+        y_TD = route(self, x_TD, routing, run_local, x_BSD.dtype)
         return y_TD.view(B, S, D), routing
+
+
+def _route(moe: MoE, x_TD: torch.Tensor, routing: Routing, run_local: Callable, dtype: torch.dtype) -> torch.Tensor:
+    """Dispatch, routed experts, combine, plus the shared experts (computed while tokens travel): [T, d]."""
+    shared_fn = (lambda: run_local(moe.shared, x_TD)) if moe.shared is not None else None
+    expert_x, counts, handle = moe.dispatcher.dispatch(x_TD, routing.topk_idx, overlap=shared_fn)
+    expert_y = run_local(moe.experts, expert_x, counts)
+    y_TD = moe.dispatcher.combine(expert_y, routing.topk_weight, handle).to(dtype)
+    if moe.shared is not None:
+        y_TD = y_TD + handle.overlap_result
+    return y_TD
+
+
+# Under torch.compile a dispatcher that copies split sizes to the host (expert parallelism) runs the
+# whole route eagerly: one graph break at the sync, and the row counts that change every step never
+# reach a compiled graph (each new count would recompile it).
+_route_eager = torch.compiler.disable(_route)

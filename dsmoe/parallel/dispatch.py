@@ -40,6 +40,8 @@ class EPHandle:
 class AllToAllDispatcher(Dispatcher):
     """Experts split over the EP group in contiguous blocks; tokens travel by uneven all-to-all."""
 
+    syncs_host = True  # the split sizes: one device-to-host copy per layer
+
     def __init__(self, n_experts: int, ep_group, drops: bool = False, check_splits: bool = False):
         if ep_group is None:
             raise ValueError("AllToAllDispatcher needs an EP process group (mesh.ep_group); "

@@ -89,3 +89,42 @@ def selective_checkpoint(fn: Callable, *args):
     the communication. Nothing recomputed draws random numbers (and checkpoint restores the RNG anyway)."""
     return checkpoint(fn, *args, use_reentrant=False,
                       context_fn=functools.partial(create_selective_checkpoint_contexts, _keep_matmul_outputs))
+
+
+def compile_blocks(model: torch.nn.Module, backend: str = "inductor", dynamic: Optional[bool] = False,
+                   mode: Optional[str] = None) -> torch.nn.Module:
+    """Regional compilation: `torch.compile` each transformer block's forward, in place (torchtitan's
+    `apply_compile` compiles per block too): the blocks share one compiled graph per structure (dense,
+    MoE), compile in seconds rather than the whole model's minutes, and the embedding, loss and
+    optimizer stay eager. Returns `model` (a DDP wrapper or the bare model), whose blocks now run compiled.
+
+    Only `forward` methods are replaced, so parameter names, state dicts and checkpoints are unchanged,
+    and hooks on the block (FSDP2's gathers) and activation checkpointing around it (`block_fn_for`)
+    stay outside the compiled code. A dense block and a single-process MoE block are one graph each,
+    without breaks. Under expert parallelism the MoE's route (split-size host sync, all-to-alls, experts
+    on a row count that changes every step, combine) must run eagerly; a graph break that deep would
+    cut the block at every enclosing call (dynamo ends the outer frames' graphs there too), so such a
+    block is compiled in its pieces instead: the attention sub-layer, the MoE's norm, router and shared
+    experts, with the route between them eager: in effect one break per MoE block, at its host sync.
+    Activation checkpointing policies work as they do eagerly (tests/test_compile.py).
+    `dynamic=False` specialises on shapes (the training micro-batch; another shape compiles another
+    graph); `backend`/`mode` go to torch.compile as they are.
+    Raises ValueError when the model has no `layers` of blocks."""
+    inner = getattr(model, "module", model)  # DDP keeps the model as .module
+    layers = getattr(inner, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or not len(layers):
+        raise ValueError(f"compile_blocks: {type(inner).__name__} has no `layers` of transformer blocks to compile")
+
+    def compiled(fn):
+        return torch.compile(fn, backend=backend, dynamic=dynamic, mode=mode)
+
+    for block in layers:
+        moe = block.ffn if block.is_moe else None
+        if moe is not None and moe.dispatcher.syncs_host:
+            block.attention_residual = compiled(block.attention_residual)
+            for piece in (block.ffn_norm, moe.router, moe.shared):
+                if piece is not None:
+                    piece.forward = compiled(piece.forward)
+        else:
+            block.forward = compiled(block.forward)
+    return model
