@@ -20,7 +20,9 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# A local run writes to the ignored results/local/, so the checkout stays clean; DSMOE_RECORD=1
+# (`make bench RECORD=1`, and `make bench-gpu`) writes to results/, to be committed on purpose.
+RESULTS_DIR = Path(__file__).resolve().parent / "results" / ("" if os.environ.get("DSMOE_RECORD") == "1" else "local")
 
 # Marketing noise dropped from CPU brand strings before slugifying.
 _CPU_NOISE = re.compile(
