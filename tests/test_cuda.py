@@ -90,7 +90,9 @@ def test_grouped_experts_match_loop_per_dtype(dtype):
         (y.float() * g).sum().backward()
         results[impl] = [y.float(), xi.grad, moe.experts.w_gate.grad, moe.experts.w_down.grad, moe.router.weight.grad]
         results[impl + "_ops"] = log.ops
-    assert "_grouped_mm" in results["grouped_ops"] and "_grouped_mm" not in results["loop_ops"]
+    # torch's grouped GEMM ran (aten's, or dsmoe's op around it), and only for the grouped impl
+    assert any("grouped_mm" in op for op in results["grouped_ops"])
+    assert not any("grouped_mm" in op for op in results["loop_ops"])
     for a, b in zip(results["grouped"], results["loop"]):
         assert (a - b).abs().max() <= GROUPED_TOL[dtype] * b.abs().max()
 
@@ -109,8 +111,7 @@ def test_memory_counters_in_the_log(tmp_path, data_cache):
     n_params = sum(p.numel() for p in t.model.parameters())
     last = rows[-1]
     # after an AdamW step the peak holds fp32 parameters, gradients and both moments: 16 bytes per parameter
-    assert 16 * n_params <= last["mem_gb"] * 2**30 <= torch.cuda.max_memory_allocated()
-    assert last["mem_reserved_gb"] >= last["mem_gb"]
+    assert 16 * n_params <= last["mem_gb"] * 2**30 <= last["mem_reserved_gb"] * 2**30
     assert last["alloc_retries"] == 0 and last["ooms"] == 0
     assert last["mfu"] is None or 0 < last["mfu"] < 1
 
@@ -120,13 +121,12 @@ def test_activation_checkpointing_on_cuda(tmp_path, data_cache, policy):
     from dsmoe.metrics.memory import measure_saved_activation_bytes
     from dsmoe.parallel.wrap import block_fn_for
 
-    base, _, _, t = fit(tmp_path, data_cache, "none", "--train.precision=bf16")
-    ckpt, _, _, tc = fit(tmp_path, data_cache, policy, "--train.precision=bf16",
+    base, _, _, t = fit(tmp_path, data_cache, "none", "--train.precision=fp32")
+    ckpt, _, _, tc = fit(tmp_path, data_cache, policy, "--train.precision=fp32",
                          f"--parallel.activation_checkpointing={policy}")
-    # recomputation replays the same kernels; atomics in some CUDA backward kernels leave last-bit differences
-    assert max(abs(a - b) / b for a, b in zip(ckpt, base)) <= 1e-3, (ckpt, base)
+    # recomputation replays the same kernels; atomic adds in CUDA kernels (index_add_) leave last-bit differences
+    assert max(abs(a - b) / b for a, b in zip(ckpt, base)) <= 1e-4, (ckpt, base)
     idx = torch.randint(0, t.model.vocab_size, (4, 32), device="cuda")
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        kept_none = measure_saved_activation_bytes(t.model, idx)
-        kept = measure_saved_activation_bytes(tc.model, idx, block_fn_for(tc.cfg.parallel))
+    kept_none = measure_saved_activation_bytes(t.model, idx)
+    kept = measure_saved_activation_bytes(tc.model, idx, block_fn_for(tc.cfg.parallel))
     assert kept < kept_none
