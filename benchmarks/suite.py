@@ -15,6 +15,8 @@ Runs, continuing past a failing one (its return code and the tail of its output 
     benchmarks/peer_hf.py                                           dsmoe vs HF DeepseekV3 (skips without transformers)
     benchmarks/peer_torchtitan.py                                   dsmoe vs torchtitan DeepSeek-V3 (skips without torchtitan)
     benchmarks/generate.py                                          KV-cache decode vs recomputation, cache bytes per token
+    benchmarks/loss_memory.py                                       bytes the LM loss keeps: chunked vs F.cross_entropy
+    benchmarks/compile_speed.py                                     training step with compiled blocks vs eager
     benchmarks/serve_load.py                                        server under N concurrent clients vs one
 
 (each with --quick when given). Then reads the JSON each wrote in this run
@@ -71,6 +73,10 @@ def steps(quick: bool) -> list[dict]:
          "cmd": [py, "benchmarks/peer_torchtitan.py", *q], "result": f"peer_torchtitan{sfx}"},
         {"key": "generate", "title": "Generation: KV cache vs recomputation",
          "cmd": [py, "benchmarks/generate.py", *q], "result": f"generate{sfx}"},
+        {"key": "loss_memory", "title": "LM loss: bytes kept for backward, chunked vs unchunked (v3-tiny)",
+         "cmd": [py, "benchmarks/loss_memory.py", *q], "result": f"loss_memory{sfx}"},
+        {"key": "compile_speed", "title": "Compiled blocks (inductor) vs eager: training tokens/s",
+         "cmd": [py, "benchmarks/compile_speed.py", *q], "result": f"compile_speed{sfx}"},
         {"key": "serve_load", "title": "Serving: concurrent clients on loopback",
          "cmd": [py, "benchmarks/serve_load.py", *q], "result": f"serve_load{sfx}"},
     ]
@@ -81,7 +87,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="every benchmark with --quick (make bench)")
     p.add_argument("--only", nargs="+", default=None,
-                   help="run only these (moe_dispatch moe_dispatch_ep2 data_loader train_throughput "
+                   help="run only these (moe_dispatch moe_dispatch_ep2 loss_memory compile_speed data_loader train_throughput "
                         "memory_layouts activation_checkpointing peer_hf peer_torchtitan generate serve_load)")
     p.add_argument("--timeout", type=int, default=None, help="seconds per benchmark (default 600; 3600 full)")
     p.add_argument("--no-plots", action="store_true")
@@ -289,8 +295,27 @@ def md_serve(res: dict) -> list[str]:
                          rows) + _goals(res)
 
 
+def md_loss(res: dict) -> list[str]:
+    rows = [[r["dtype"], _f(r["unchunked_loss_kept_bytes"] / MiB), _f(r["chunked_loss_kept_bytes"] / MiB),
+             _f(r["loss_kept_ratio"], ".3f"), _f(r["unchunked_model_kept_bytes"] / MiB),
+             _f(r["chunked_model_kept_bytes"] / MiB), _f(r["time_ratio"], ".2f")] for r in res["rows"]]
+    head = [f"{res['preset']} at {res['n_layers']} layers, {res['micro_batch']} x {res['seq_len']} tokens; kept = "
+            "bytes saved for backward; time = chunked / unchunked fwd+bwd", ""]
+    return head + _table(["dtype", "loss MiB unchunked", "chunked", "ratio", "model MiB unchunked", "chunked",
+                          "time ratio"], rows) + _goals(res)
+
+
+def md_compile(res: dict) -> list[str]:
+    rows = [[r["way"], _f(r["median_ms"]), _f(r["tokens_per_s"], ",.0f")] for r in res["rows"]]
+    head = [f"{res['preset']} at {res['n_layers']} layers, {res['micro_batch']} x {res['seq_len']}, {res['dtype']}; "
+            f"compiled / eager tokens/s {res['speedup_compiled_vs_eager']:.2f}x; compile {res['compile_s']:.0f} s; "
+            f"max loss difference {res['loss_max_rel_diff']:.1e}", ""]
+    return head + _table(["way", "ms / step", "tokens/s"], rows) + _goals(res)
+
+
 RENDER = {"moe_dispatch": md_moe, "moe_dispatch_ep2": md_ep, "data_loader": md_loader,
           "train_throughput": md_train, "memory_layouts": md_memory, "activation_checkpointing": md_ac,
+          "loss_memory": md_loss, "compile_speed": md_compile,
           "peer_hf": md_peer, "peer_torchtitan": md_titan, "generate": md_generate, "serve_load": md_serve}
 
 
