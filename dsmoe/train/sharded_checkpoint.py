@@ -15,7 +15,6 @@ renames when every rank's are written. `python -m dsmoe.train.convert` turns a d
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import shutil
@@ -28,6 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.staging import AsyncStager, DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
@@ -40,12 +40,9 @@ from dsmoe.train.checkpoint import SHARDED_META, CheckpointError, fsync_dir, pru
 SHARDED_FORMAT = "dsmoe-sharded-v1"
 
 
-@contextlib.contextmanager
-def _quiet_single_process():
-    """DCP warns on every call without a process group, even when asked for exactly that."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
+# DCP warns on every call without a process group, even when asked for exactly that (no_dist=True),
+# also from an asynchronous save's thread
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 
 def expert_mesh(mesh: Mesh) -> DeviceMesh:
@@ -114,13 +111,11 @@ class ShardedState:
 
     def load(self, path: Path, group: Optional[dist.ProcessGroup] = None) -> None:
         """Read a sharded directory into the live tensors, each rank its own chunks (`group`: the
-        process group DCP plans over)."""
+        process group DCP plans over; None: this process alone)."""
         saved_optimizer = any(k.startswith("optimizer.") for k in tensor_shapes(path))
         if not saved_optimizer:  # saved before the first step: so is this optimizer
             self.optimizer.state.clear()
-        with _quiet_single_process():
-            dcp.load(self.tensors(saved_optimizer), checkpoint_id=str(path), process_group=group,
-                     no_dist=not dist.is_initialized())
+        dcp.load(self.tensors(saved_optimizer), checkpoint_id=str(path), process_group=group, no_dist=group is None)
 
     @torch.no_grad()
     def gather(self) -> tuple[dict, dict]:
@@ -133,7 +128,8 @@ class ShardedState:
         keep = self.mesh.is_main
 
         def whole(t):
-            t = t.full_tensor() if isinstance(t, DTensor) else t  # a collective over the tensor's mesh
+            if isinstance(t, DTensor):  # a collective over its mesh, on the mesh's device (cpu_offload: to it)
+                t = t.to(t.device_mesh.device_type).full_tensor()
             if not keep:
                 return None  # dropped at once: the next tensor reuses the memory
             return t.cpu() if torch.is_tensor(t) else t
@@ -160,15 +156,24 @@ class ShardedState:
 
 
 def write_shards(tensors: dict, directory: Path, group: Optional[dist.ProcessGroup],
-                 background: bool = False) -> Optional[Future]:
-    """Every rank writes its chunks of `tensors` into `directory` (DCP planning over `group`). With
-    `background`, returns once a host copy of them is staged; the future completes when every rank's
-    chunks and the index are written (dcp.async_save, on a thread; it needs a CPU process group)."""
-    with _quiet_single_process():
-        if background:
-            return dcp.async_save(tensors, checkpoint_id=str(directory), process_group=group, no_dist=group is None)
-        dcp.save(tensors, checkpoint_id=str(directory), process_group=group, no_dist=group is None)
+                 stager: Optional[AsyncStager] = None) -> Optional[Future]:
+    """Every rank writes its chunks of `tensors` into `directory` (DCP planning over `group`; None: this
+    process alone). With a `stager` it returns once the stager holds a host copy of them, and the
+    future completes when every rank's chunks and the index are written (dcp.async_save, on a thread;
+    it needs a CPU process group)."""
+    if stager is not None:
+        return dcp.async_save(tensors, checkpoint_id=str(directory), process_group=group, no_dist=group is None,
+                              async_stager=stager)
+    dcp.save(tensors, checkpoint_id=str(directory), process_group=group, no_dist=group is None)
     return None
+
+
+def host_stager(device: torch.device) -> AsyncStager:
+    """The host copy an asynchronous save writes from, kept between saves (DCP caches its buffers per
+    source storage), so a save only copies into it: pinned, with non-blocking copies, on CUDA."""
+    cuda = device.type == "cuda"
+    return DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False, use_async_staging=False,
+                                        use_non_blocking_copy=cuda))
 
 
 def then(future: Future, fn: Optional[Callable[[], object]]) -> Future:
@@ -262,8 +267,7 @@ def read_all(path: Path) -> dict:
     metadata = FileSystemReader(str(path)).read_metadata().state_dict_metadata
     tensors = {key: torch.empty(size, dtype=metadata[key].properties.dtype)
                for key, size in tensor_shapes(path).items()}
-    with _quiet_single_process():
-        dcp.load(tensors, checkpoint_id=str(path), no_dist=True)
+    dcp.load(tensors, checkpoint_id=str(path), no_dist=True)
     return tensors
 
 

@@ -23,8 +23,8 @@ from dsmoe.config import ConfigError
 from dsmoe.train.checkpoint import (CheckpointError, check_compatible, checkpoint_path, checksum_problem, is_sharded,
                                     list_checkpoints, load_checkpoint, peek, raise_if_corrupt, save_checkpoint)
 from dsmoe.train.optim import Schedule
-from dsmoe.train.sharded_checkpoint import (commit_sharded, load_meta, model_shapes, staging_dir, then,
-                                            write_shards)
+from dsmoe.train.sharded_checkpoint import (commit_sharded, host_stager, load_meta, model_shapes, staging_dir,
+                                            then, write_shards)
 
 DATA_MEANING = ("source", "tokenizer", "seq_len", "seed")  # fields whose change moves what a sample position means
 
@@ -104,6 +104,11 @@ class Checkpoints:
         if not self.t.mesh.distributed:
             return None
         return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=self.t.cfg.checkpoint.timeout_s))
+
+    @functools.cached_property
+    def stager(self):
+        """checkpoint.async_save's host copy of this rank's shards, reused by every save."""
+        return host_stager(self.t.device)
 
     def newest(self) -> Optional[Path]:
         self.wait()
@@ -193,7 +198,8 @@ class Checkpoints:
             def finish():
                 return commit_sharded(tmp, path, meta, keep, before_commit=hook)
 
-            written = write_shards(t.sharded.tensors(), tmp, self.group, background=t.cfg.checkpoint.async_save)
+            written = write_shards(t.sharded.tensors(), tmp, self.group,
+                                   self.stager if t.cfg.checkpoint.async_save else None)
             if written is not None:  # rank 0 commits when every rank's shards are written
                 self.pending = then(written, finish if t.mesh.is_main else None)
                 t.log.print(f"checkpoint: {path} (training waited {time.perf_counter() - began:.2f} s; "
