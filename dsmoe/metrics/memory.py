@@ -75,3 +75,117 @@ def measure_saved_activation_bytes(model: torch.nn.Module, batch, block_fn: Opti
     """
     idx, targets = batch if isinstance(batch, (tuple, list)) else (batch, batch)
     return saved_tensor_bytes(lambda: model(idx, targets, block_fn=block_fn).loss, model)
+
+
+# ----------------------------------------------------------------------------- one step, by category
+
+
+class _Propagating:
+    """Marks DTensor's sharding propagation, which runs each op on whole-size fake tensors under the active
+    fake mode to learn output shapes: metadata, not memory any rank holds. DTensor serialises that work
+    under `ShardingPropagator._fake_mode_lock`, a context manager meant to be replaced (a lock in
+    multi-threaded use); this one counts how deep inside it the process is."""
+
+    def __init__(self):
+        self.depth = 0
+
+    def __enter__(self):
+        self.depth += 1
+
+    def __exit__(self, *exc):
+        self.depth -= 1
+
+
+def _tracker_class(base: type) -> type:
+    """`base` (MemTracker or FSDPMemTracker) that skips DTensor's shape propagation and keeps only the
+    whole rank's peak: the stock peak update also scans every module's statistics on every op, which
+    makes a step of a 24-layer model cost minutes on fake tensors."""
+
+    class Tracker(base):
+        propagating = _Propagating()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if self.propagating.depth:
+                return func(*args, **(kwargs or {}))
+            return super().__torch_dispatch__(func, types, args, kwargs)
+
+        def _update_peak_stats(self, peak_state) -> None:
+            for dev, snap in self._curr_mem_snap.items():
+                if self._peak_mem.get(dev, 0) < snap["Total"]:
+                    self._peak_mem[dev] = snap["Total"]
+                    self._peak_mem_snap[dev] = dict(snap)
+
+    return Tracker
+
+
+class StepMemory:
+    """Peak memory of a training step by category, from torch's memory tracker
+    (torch.distributed._tools: FSDPMemTracker for an FSDP2 model, MemTracker otherwise), on real or fake
+    tensors. Use as a context manager around the step and call `micro_step_done()` after each micro-step's
+    backward; `peak()` gives bytes per CATEGORIES and their total at the rank's peak.
+
+    `gradients`: tensors to book as gradients from the start (DDP's buckets, which the gradients only
+    view from their first backward on)."""
+
+    CATEGORIES = ("parameters", "gathered", "gradients", "optimizer", "activations", "buffers")
+    # the trackers' reference types -> CATEGORIES ("Other": what `gradients` registered before a
+    # gradient claims it)
+    _KINDS = {"Parameter": "parameters", "Sharded Param": "parameters", "Unsharded Param": "gathered",
+              "All Gather": "gathered", "Gradient": "gradients", "Sharded Grad": "gradients",
+              "Unsharded Grad": "gradients", "Reduce Scatter": "gradients", "Other": "gradients",
+              "Optstate": "optimizer", "OptState": "optimizer", "Activation": "activations",
+              "Temp": "activations", "Inputs": "activations", "Buffer": "buffers"}
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, fsdp: bool,
+                 gradients: tuple = ()):
+        from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+        from torch.distributed._tools.mem_tracker import MemTracker
+
+        self.model, self.fsdp = model, fsdp
+        if fsdp:
+            self.tracker = _tracker_class(FSDPMemTracker)(model, optimizer)
+        else:
+            self.tracker = _tracker_class(MemTracker)()
+            self.tracker.track_external(model, optimizer, *gradients)
+
+    def __enter__(self) -> "StepMemory":
+        from torch.distributed.tensor._sharding_prop import ShardingPropagator
+
+        self._lock = ShardingPropagator._fake_mode_lock
+        ShardingPropagator._fake_mode_lock = self.tracker.propagating
+        self.tracker.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from torch.distributed.tensor._sharding_prop import ShardingPropagator
+
+        self.tracker.__exit__(*exc)
+        ShardingPropagator._fake_mode_lock = self._lock
+
+    def micro_step_done(self) -> None:
+        """The trackers refuse a second forward of the root module: forget the per-module statistics
+        (the peak stays). Under FSDP2 gradient accumulation the unsharded fp32 gradients kept between
+        micro-steps are made in post-backward, which the tracker books as temporaries: book them as
+        gradients."""
+        self.tracker.reset_mod_stats()
+        if not self.fsdp:
+            return
+        from torch.distributed._tools.fsdp2_mem_tracker import _FSDPRefType
+        from torch.distributed.fsdp import FSDPModule
+
+        for module in self.model.modules():
+            group = module._get_fsdp_state()._fsdp_param_group if isinstance(module, FSDPModule) else None
+            for fsdp_param in group.fsdp_params if group is not None else ():
+                if fsdp_param.unsharded_accumulated_grad is not None:
+                    self.tracker._update_and_maybe_create_winfos(fsdp_param.unsharded_accumulated_grad,
+                                                                 _FSDPRefType.UNSHARDED_GRAD)
+
+    def peak(self) -> dict:
+        """Bytes per category at the peak, and "total"."""
+        out = dict.fromkeys(self.CATEGORIES, 0)
+        for snap in self.tracker.get_tracker_snapshot("peak").values():
+            for kind, nbytes in snap.items():
+                if kind != "Total":
+                    out[self._KINDS[kind.value]] += nbytes
+        out["total"] = sum(out[c] for c in self.CATEGORIES)
+        return out

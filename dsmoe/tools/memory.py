@@ -150,7 +150,7 @@ def _ffn(cfg: Config, layer: int, B: int, S: int, cb: int) -> int:
 def activation_ledger(cfg: Config, device: str = "cuda", ep: int = 1) -> dict:
     """Bytes autograd saves, by part, for one micro-batch on one rank (no checkpointing)."""
     m, e, t = cfg.model, cfg.moe, cfg.train
-    B, S, V, d = t.micro_batch, t.seq_len, vocab_size_of(cfg), m.d_model
+    B, S, d = t.micro_batch, t.seq_len, m.d_model
     T = B * S
     cb = compute_bytes(cfg, device)
     amp = cb == 2
@@ -160,20 +160,35 @@ def activation_ledger(cfg: Config, device: str = "cuda", ep: int = 1) -> dict:
     expert_casts = [expert_cast if cfg.is_moe_layer(i) else 0 for i in range(m.n_layers)]
     # embedding indices; final norm; the loss's head input, targets, fp32 log-sum-exp and token count
     outer = T * 8 + _norm(T, d) + T * d * cb + T * 8 + T * 4 + 8
-    c = min(T, chunk_tokens_for(V))
-    # loss backward, one chunk at a time: fp32 logits (turned into their gradient in place) and its
-    # compute-dtype copy; the head weight's cast (under autocast) and each chunk's weight-gradient
-    # product; the head input's gradient. The fp32 sum of those products becomes the weight's
-    # gradient (counted with the gradients).
-    loss_work = c * V * (4 + cb) + V * d * ((2 if amp else 0) + cb) + T * d * cb
     return {
         "layers": layers,  # per block, without the weight casts
         "expert_casts": expert_casts,  # per block: autocast copies of the stacked experts
         "block_input": T * d * 4,  # what a checkpointed block keeps (fp32 residual stream)
         "outer": outer,
-        "loss_work": loss_work,  # transient, at the start of backward
         "tokens": T,
     }
+
+
+def loss_workspace(cfg: Config, cb: int, head_cast: bool, head_bytes: int) -> tuple[int, int]:
+    """Transient bytes of the chunked LM-head loss (dsmoe/model/loss.py), (forward, backward), op by op.
+
+    `cb`: compute bytes; `head_cast`: the head weight is cast to the compute dtype (fp32 master
+    weights under autocast; not under FSDP2's bf16 parameters); `head_bytes`: its parameter's bytes
+    per element. Forward, per chunk of c tokens: the weight's cast, a chunk's logits in the compute
+    dtype and their fp32 copy. Backward: the weight cast, the head input's gradient [T,d] and the
+    weight's fp32 gradient sum [V,d], then per chunk the larger of (fp32 logits turned into their
+    gradient + its compute-dtype copy) and (that copy + the chunk's weight-gradient product + its fp32
+    copy), or on return the head input's gradient in fp32 and the weight's in its own dtype."""
+    t, m = cfg.train, cfg.model
+    T, V, d = t.micro_batch * t.seq_len, vocab_size_of(cfg), m.d_model
+    c = min(T, chunk_tokens_for(V))
+    amp = cb == 2
+    cast = V * d * cb if head_cast else 0
+    forward = cast + c * V * (cb + 4 if amp else 4)
+    chunk = max(c * V * (cb + 4), c * V * cb + V * d * (cb + 4)) if amp else c * V * 4 + V * d * 4
+    ret = (T * d * 4 if amp else 0) + (V * d * head_bytes if head_bytes != 4 else 0)
+    backward = cast + T * d * cb + V * d * 4 + max(chunk, ret)
+    return forward, backward
 
 
 def predicted_saved_bytes(cfg: Config, device: str = "cpu", ep: int = 1) -> int:
@@ -224,8 +239,14 @@ def param_stats(cfg: Config, ep: int = 1) -> dict:
 
 def estimate_memory(cfg: Config, world: Optional[int] = None, ep: Optional[int] = None,
                     device: Optional[str] = None) -> dict:
-    """Bytes per category on one rank. `ep` defaults to parallel.ep, `world` to ep; `device` is
-    'cpu' or 'cuda' (default: cpu when train.device is cpu, else a GPU)."""
+    """Bytes per category on one rank at its peak. `ep` defaults to parallel.ep, `world` to ep; `device`
+    is 'cpu' or 'cuda' (default: cpu when train.device is cpu, else a GPU).
+
+    The peak is the largest of three moments over what every moment holds (parameters, gradients,
+    AdamW state, FSDP's gathered root, what forward saved for backward): the loss's forward (with
+    autocast's cache of every weight cast), the loss's backward, and the backward of the largest
+    recomputed block (its activations and casts made again, two gathered FSDP blocks). Raises
+    ValueError when world is not divisible by ep or the routed experts are not."""
     ep = cfg.parallel.ep if ep is None else ep
     world = ep if world is None else world
     if world % ep:
@@ -235,28 +256,31 @@ def estimate_memory(cfg: Config, world: Optional[int] = None, ep: Optional[int] 
     device = device or ("cpu" if cfg.train.device == "cpu" else "cuda")
     cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, ep=ep))
     st = param_stats(cfg, ep)
-
     led = activation_ledger(cfg, device, ep)
-    amp = compute_bytes(cfg, device) == 2
-    linear_casts = 2 * st["cast_numel"] if amp else 0
-    act_none = sum(led["layers"]) + led["outer"]
-    act_full = cfg.model.n_layers * led["block_input"] + led["outer"] + max(led["layers"])
-    # checkpointed blocks keep their input and are recomputed one at a time in backward; autocast's
-    # cache holds every linear weight cast until the forward ends either way
+    cb = compute_bytes(cfg, device)
+    amp = cb == 2
+    fsdp = cfg.parallel.dp == "fsdp" and world > 1
     ckpt = checkpointed_layers(cfg)
-    redo = [i for i, c in enumerate(ckpt) if c]
-    act_policy = led["outer"] + sum(led["block_input"] if c else layer for c, layer in zip(ckpt, led["layers"]))
-    casts = linear_casts + sum(x for c, x in zip(ckpt, led["expert_casts"]) if not c)
-    if redo:
-        act_policy += max(led["layers"][i] for i in redo)
-        casts += max(led["expert_casts"][i] for i in redo)
-    logits = led["loss_work"]
+    # autocast caches each linear weight's cast for the whole forward; autograd keeps those of blocks it
+    # saves; FSDP2 with a 16-bit policy computes in its gathered copies instead (no casts)
+    lin = [2 * n if amp and not fsdp else 0 for n in st["layer_cast_numel"]]
+    ex = [0 if fsdp else x for x in led["expert_casts"]]
+    saved = led["outer"] + sum(led["block_input"] if c else layer + x + w
+                               for c, layer, x, w in zip(ckpt, led["layers"], ex, lin))
+    saved_casts = sum(x + w for c, x, w in zip(ckpt, ex, lin) if not c)
     param_bytes, grad_bytes, optim_bytes = st["param_bytes"], st["grad_bytes"], st["optim_bytes"]
-    gathered, unsharded = 0, False
-    if cfg.parallel.dp == "fsdp" and world > 1:
-        # sharded: dense tensors over the shard group, experts over edp; blocks are gathered whole in the
-        # compute dtype (which replaces autocast's cached casts), two at a time with prefetch, or all of
-        # them kept from forward to backward without reshard_after_forward
+    root = gathered_block = 0
+    unsharded = beside_buckets = False
+    if world > 1 and not fsdp and cfg.train.grad_accum > 1:
+        # DDP: on no_sync micro-steps its reducer leaves the gradients in tensors of their own (the trainer
+        # frees the bucket views with zero_grad(set_to_none=True)); its buckets stay allocated beside them
+        grad_bytes += grad_bytes * (st["n_params"] - st["expert_numel"]) // st["n_params"]
+        beside_buckets = True
+    if fsdp:
+        # sharded: dense tensors over the shard group, experts over edp; units are gathered whole in
+        # the compute dtype: the root (embeddings, final norm, head) from its forward to the end of
+        # backward, a block and the next one prefetched, or every block from forward to backward
+        # without reshard_after_forward
         shard, edp = world // cfg.parallel.replicate, world // ep
         n, experts = st["n_params"], st["expert_numel"]
         fraction = ((n - experts) / shard + experts / edp) / n
@@ -266,16 +290,35 @@ def estimate_memory(cfg: Config, world: Optional[int] = None, ep: Optional[int] 
             # unsharded, in fp32 (the reduce dtype): this rank's whole model, not its shard
             grad_bytes, unsharded = st["grad_bytes"], True
         blocks = sorted(st["block_numel"], reverse=True)
-        kept = blocks if not cfg.parallel.reshard_after_forward else blocks[:2]
-        gathered = sum(kept) * (2 if amp else 4)
-        casts = 0
+        root = (n - sum(blocks)) * cb
+        if cfg.parallel.reshard_after_forward:
+            gathered_block = sum(blocks[:2]) * cb
+        else:
+            root += sum(blocks) * cb
+    loss_fw, loss_bw = loss_workspace(cfg, cb, head_cast=amp and not fsdp, head_bytes=cb if fsdp else 4)
+    moments = {  # name: (weight casts, gathered, activations beyond `saved`, loss workspace)
+        "loss forward": (sum(lin) - sum(w for c, w in zip(ckpt, lin) if not c), 0, 0, loss_fw),
+        "loss backward": (0, 0, 0, loss_bw),
+    }
+    redo = [i for i, c in enumerate(ckpt) if c]
+    if redo:
+        i = max(redo, key=lambda j: led["layers"][j] + ex[j] + lin[j])
+        moments["block backward"] = (ex[i] + lin[i], gathered_block, led["layers"][i], 0)
+    elif fsdp:
+        moments["block backward"] = (0, gathered_block, 0, 0)
+    peak_at = max(moments, key=lambda k: sum(moments[k]))
+    casts, gathered, recomputed, loss = moments[peak_at]
     persistent = param_bytes + grad_bytes + optim_bytes
-    peak_train = persistent + casts + gathered + act_policy + logits
+    activations = saved - saved_casts + recomputed
+    total = persistent + root + gathered + saved_casts + casts + activations + loss
+    act_none = sum(led["layers"]) + led["outer"]
+    act_full = cfg.model.n_layers * led["block_input"] + led["outer"] + max(led["layers"])
     return {
-        "world": world, "ep": ep, "device": device, "precision_bytes": 2 if amp else 4,
+        "world": world, "ep": ep, "device": device, "precision_bytes": cb,
         "tokens": led["tokens"], "n_params": st["n_params"], "policy": cfg.parallel.activation_checkpointing,
         "params": param_bytes, "grads": grad_bytes, "optimizer": optim_bytes, "grads_unsharded": unsharded,
-        "weight_casts": casts, "fsdp_gathered": gathered,
-        "activations_none": act_none, "activations_full": act_full, "activations": act_policy,
-        "logits": logits, "persistent": persistent, "total": peak_train,
+        "grads_beside_buckets": beside_buckets,
+        "weight_casts": saved_casts + casts, "fsdp_gathered": root + gathered,
+        "activations_none": act_none, "activations_full": act_full, "activations": activations,
+        "logits": loss, "peak_at": peak_at, "persistent": persistent, "total": total,
     }
