@@ -18,6 +18,7 @@ Runs, continuing past a failing one (its return code and the tail of its output 
     benchmarks/loss_memory.py                                       bytes the LM loss keeps: chunked vs F.cross_entropy
     benchmarks/compile_speed.py                                     training step with compiled blocks vs eager
     benchmarks/serve_load.py                                        server under N concurrent clients vs one
+    benchmarks/checkpoint_io.py                                     save blocking sync vs async, resume and start-up RSS per rank
 
 (each with --quick when given). Then reads the JSON each wrote in this run
 (benchmarks/results/<name>[-quick][-ep2]-<device>-<date>.json) and writes
@@ -79,6 +80,8 @@ def steps(quick: bool) -> list[dict]:
          "cmd": [py, "benchmarks/compile_speed.py", *q], "result": f"compile_speed{sfx}"},
         {"key": "serve_load", "title": "Serving: concurrent clients on loopback",
          "cmd": [py, "benchmarks/serve_load.py", *q], "result": f"serve_load{sfx}"},
+        {"key": "checkpoint_io", "title": "Checkpoints: save blocking, resume and start-up memory per rank",
+         "cmd": [py, "benchmarks/checkpoint_io.py", *q], "result": f"checkpoint_io{sfx}"},
     ]
 
 
@@ -88,7 +91,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="every benchmark with --quick (make bench)")
     p.add_argument("--only", nargs="+", default=None,
                    help="run only these (moe_dispatch moe_dispatch_ep2 loss_memory compile_speed data_loader train_throughput "
-                        "memory_layouts activation_checkpointing peer_hf peer_torchtitan generate serve_load)")
+                        "memory_layouts activation_checkpointing peer_hf peer_torchtitan generate serve_load checkpoint_io)")
     p.add_argument("--timeout", type=int, default=None, help="seconds per benchmark (default 600; 3600 full)")
     p.add_argument("--no-plots", action="store_true")
     args = p.parse_args(argv)
@@ -295,6 +298,20 @@ def md_serve(res: dict) -> list[str]:
                          rows) + _goals(res)
 
 
+def md_checkpoint(res: dict) -> list[str]:
+    saves = [[r["kind"], _f(r["blocked_s"], ".3f"), _f(r["committed_s"], ".3f")] for r in res["saves"]]
+    resume = [[r["layout"], _f(r["peak_rss_max"] / MiB, ",.0f"), _f(r["private_max"] / MiB), _f(r["mapped_max"] / MiB),
+               _f(r["private_of_file"], ".3f")] for r in res["resume"]]
+    s = res["startup"]
+    file_mib = res["resume"][0]["file_bytes"] / MiB
+    return (["save at world 2 (FSDP2): seconds training is held, and until committed", ""]
+            + _table(["kind", "blocked s", "committed s"], saves)
+            + ["", f"resume from one {file_mib:,.0f} MiB file at world 4: most any rank adds", ""]
+            + _table(["layout", "peak RSS MiB", "private MiB", "mapped MiB", "private / file"], resume)
+            + ["", f"start-up peak RSS per rank, expert-heavy model: world 1 {s['world1_peak'] / MiB:,.0f} MiB, "
+                   f"world 4 ep 4 {s['world4_ep4_peak_max'] / MiB:,.0f} MiB ({s['ratio']:.3f}x)"] + _goals(res))
+
+
 def md_loss(res: dict) -> list[str]:
     rows = [[r["dtype"], _f(r["unchunked_loss_kept_bytes"] / MiB), _f(r["chunked_loss_kept_bytes"] / MiB),
              _f(r["loss_kept_ratio"], ".3f"), _f(r["unchunked_model_kept_bytes"] / MiB),
@@ -316,7 +333,8 @@ def md_compile(res: dict) -> list[str]:
 RENDER = {"moe_dispatch": md_moe, "moe_dispatch_ep2": md_ep, "data_loader": md_loader,
           "train_throughput": md_train, "memory_layouts": md_memory, "activation_checkpointing": md_ac,
           "loss_memory": md_loss, "compile_speed": md_compile,
-          "peer_hf": md_peer, "peer_torchtitan": md_titan, "generate": md_generate, "serve_load": md_serve}
+          "peer_hf": md_peer, "peer_torchtitan": md_titan, "generate": md_generate, "serve_load": md_serve,
+          "checkpoint_io": md_checkpoint}
 
 
 def markdown(combined: dict) -> str:
