@@ -11,6 +11,7 @@ Runs, continuing past a failing one (its return code and the tail of its output 
     benchmarks/data_loader.py                                       loader tokens/s vs training tokens/s
     benchmarks/train_throughput.py                                  tiny training: single / DDP / EP / FSDP2
     benchmarks/memory_layouts.py                                    measured bytes per rank: DDP vs FSDP2, world 2 and 4
+    benchmarks/simulate.py                                          simulated per-rank peak at scale vs the estimate
     benchmarks/activation_checkpointing.py                          bytes kept and step time per checkpointing policy
     benchmarks/peer_hf.py                                           dsmoe vs HF DeepseekV3 (skips without transformers)
     benchmarks/peer_torchtitan.py                                   dsmoe vs torchtitan DeepSeek-V3 (skips without torchtitan)
@@ -48,6 +49,7 @@ if str(REPO_ROOT) not in sys.path:
 from benchmarks.common import RESULTS_DIR, device_name  # noqa: E402
 
 MiB = 2 ** 20
+GiB = 2 ** 30
 
 
 def steps(quick: bool) -> list[dict]:
@@ -66,6 +68,8 @@ def steps(quick: bool) -> list[dict]:
          "cmd": [py, "benchmarks/train_throughput.py", *q], "result": f"train_throughput{sfx}"},
         {"key": "memory_layouts", "title": "Persistent memory per rank: DDP vs FSDP2",
          "cmd": [py, "benchmarks/memory_layouts.py", *q], "result": f"memory_layouts{sfx}"},
+        {"key": "simulate", "title": "Rehearsed at scale: simulated per-rank peak vs the estimate",
+         "cmd": [py, "benchmarks/simulate.py", *q], "result": f"simulate{sfx}"},
         {"key": "activation_checkpointing", "title": "Activation checkpointing: bytes kept vs step time",
          "cmd": [py, "benchmarks/activation_checkpointing.py", *q], "result": f"activation_checkpointing{sfx}"},
         {"key": "peer_hf", "title": "dsmoe vs Hugging Face DeepseekV3",
@@ -90,7 +94,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="every benchmark with --quick (make bench)")
     p.add_argument("--only", nargs="+", default=None,
-                   help="run only these (moe_dispatch moe_dispatch_ep2 loss_memory compile_speed data_loader train_throughput "
+                   help="run only these (moe_dispatch moe_dispatch_ep2 loss_memory compile_speed data_loader simulate "
+                        "train_throughput "
                         "memory_layouts activation_checkpointing peer_hf peer_torchtitan generate serve_load checkpoint_io)")
     p.add_argument("--timeout", type=int, default=None, help="seconds per benchmark (default 600; 3600 full)")
     p.add_argument("--no-plots", action="store_true")
@@ -262,6 +267,17 @@ def md_memory(res: dict) -> list[str]:
                           "FSDP / (DDP/world)"], rows) + _goals(res)
 
 
+def md_simulate(res: dict) -> list[str]:
+    out = []
+    for r in res["rows"]:
+        sim, est = r["simulated"], r["estimate_cpu_kernels"]
+        out += [f"{r['model']} @ {r['config']}: rank 0 of world {r['world']} ({r['dp']}, ep {r['ep']}, {r['precision']}), "
+                f"simulated in {r['seconds']:.0f} s", ""]
+        out += _table(["per rank at the peak", "simulated GiB", "estimate GiB"],
+                      [[k, _f(sim[k] / GiB, ".2f"), _f(est[k] / GiB, ".2f")] for k in sim]) + [""]
+    return out + _goals(res)
+
+
 def md_ac(res: dict) -> list[str]:
     rows = [[r["shape"], r["policy"], _f(r["blocks_kept_bytes"] / MiB), _f(r["blocks_kept_fraction"], ".3f"),
              _f(r["blocks_time_ratio"], ".2f"), _f(r["step_time_ratio"], ".2f")]
@@ -331,7 +347,8 @@ def md_compile(res: dict) -> list[str]:
 
 
 RENDER = {"moe_dispatch": md_moe, "moe_dispatch_ep2": md_ep, "data_loader": md_loader,
-          "train_throughput": md_train, "memory_layouts": md_memory, "activation_checkpointing": md_ac,
+          "train_throughput": md_train, "memory_layouts": md_memory, "simulate": md_simulate,
+          "activation_checkpointing": md_ac,
           "loss_memory": md_loss, "compile_speed": md_compile,
           "peer_hf": md_peer, "peer_torchtitan": md_titan, "generate": md_generate, "serve_load": md_serve,
           "checkpoint_io": md_checkpoint}

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dsmoe.config import CONFIG_ROOT, load_config
-from dsmoe.estimate import estimate_rows
+from dsmoe.estimate import estimate_rows, main
 from dsmoe.metrics.memory import StepMemory
 from dsmoe.tools.memory import estimate_memory
 from dsmoe.tools.simulate import StepParts, simulate, train_step
@@ -101,3 +101,12 @@ def test_layouts_the_trainer_refuses_get_their_error():
         simulate(cfg, 6, ep=3)
     with pytest.raises(ValueError, match="cpu_offload"):
         simulate(dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, cpu_offload=True)), 2)
+
+
+def test_cli_prints_the_simulated_table_and_a_verdict(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    rc = main([str(LAYOUTS["ddp"]), "--simulate", "--world", "8", "--parallel.ep", "8", "--gpu-mem-gb", "1", *SMALL])
+    out = capsys.readouterr().out
+    assert rc == 0 and "simulated step, rank 0 of world 8 (DDP, ep 8)" in out and "fits:" in out
+    for line in ("parameters", "gradients", "optimizer", "activations", "peak", "assumed: balanced routing"):
+        assert line in out
