@@ -19,7 +19,8 @@ Paste the command for your machine:
     torchrun --nproc_per_node 4 launch/train_ddp.py --resume ckpt.pt
 
 Every flag of launch/train.py works here: --config, --resume PATH|auto, --dry-run, --section.field=value.
-Rank 0 logs and writes checkpoints; other ranks print warnings and errors only.
+Rank 0 logs; every rank writes its shards of the checkpoints (one DCP directory per step at world > 1);
+other ranks print warnings and errors only. Exit codes: see launch/common.py (75 = stopped with a checkpoint).
 """
 import os
 import sys

@@ -74,4 +74,8 @@ def validate(cfg: Config) -> None:
          "guard.rollback_after and guard.rollback_window must be >= 1, guard.max_rollbacks >= 0")
     need(0 < g.rollback_lr_factor <= 1, f"guard.rollback_lr_factor must be in (0, 1], got {g.rollback_lr_factor}")
     need(cfg.checkpoint.keep_last >= 1, f"checkpoint.keep_last must be >= 1, got {cfg.checkpoint.keep_last}")
+    need(cfg.checkpoint.timeout_s > 0, f"checkpoint.timeout_s must be positive, got {cfg.checkpoint.timeout_s}")
+    p = cfg.parallel
+    need(min(p.connect_timeout_s, p.timeout_s, p.step_timeout_s) > 0,
+         "parallel.connect_timeout_s, parallel.timeout_s and parallel.step_timeout_s must be positive")
 
