@@ -12,11 +12,12 @@ step makes to parameters, gradients, optimizer state or activations and keeps th
 
 Assumptions, returned with the result (`assumptions`):
 - routing is balanced: expert-parallel split sizes come from the token counts the ranks exchange,
-  which fake tensors do not hold, so every rank sends and receives T*K/ep rows (dsmoe.parallel.dispatch
-  .split_sizes is swapped for that);
+  which fake tensors do not hold, so every expert gets T*K/E rows from every rank
+  (dsmoe.parallel.dispatch.split_sizes is swapped for that);
 - CPU kernels: the fake tensors live on the CPU in the config's precision (`auto` = bf16 for a GPU
-  config), so SDPA picks the CPU's kernel (MLA pads V there, not on CUDA) and CUDA's allocator
-  (512-byte rounding, caching, fragmentation) and kernel workspaces are not counted;
+  config), so SDPA picks the CPU's kernel (MLA pads V there, not on CUDA), the expert-parallel
+  dispatcher its CPU transport, and CUDA's allocator (512-byte rounding, caching, fragmentation) and
+  the scratch memory inside single kernels are not counted: the tracker sees each op's outputs;
 - DDP: its C++ reducer cannot run on fake tensors, so its gradient buckets are reproduced as what they
   are under gradient_as_bucket_view: one flat buffer the replicated gradients are views of;
 - micro-steps: the first and the last run; the ones between start and end like the last (every
@@ -51,10 +52,11 @@ from dsmoe.train.precision import autocast
 from dsmoe.train.sharded_checkpoint import ShardedState
 
 ASSUMPTIONS = [
-    "balanced routing: every rank sends and receives T*K/ep token rows per MoE layer (the real split "
+    "balanced routing: every expert gets T*K/E token rows from every rank per MoE layer (the real split "
     "sizes depend on the data)",
-    "CPU kernels on fake tensors: SDPA takes the CPU's kernel (MLA pads V there), and CUDA's allocator "
-    "rounding, caching and kernel workspaces are not counted",
+    "CPU kernels on fake tensors: SDPA takes the CPU's kernel (MLA pads V there), the expert-parallel "
+    "dispatcher its CPU transport, and CUDA's allocator rounding, caching and kernel workspaces are not "
+    "counted (nor any kernel's internal scratch)",
 ]
 DDP_ASSUMPTION = ("DDP's gradient buckets (gradient_as_bucket_view) are one flat buffer; gradients become its views "
                   "on the synchronising backward")
@@ -162,12 +164,12 @@ def _precision(cfg: Config) -> str:
     return "fp32" if cfg.train.device == "cpu" else "bf16"  # what `auto` resolves to on an sm_80+ GPU
 
 
-def _balanced_splits(ep: int):
-    def split_sizes(counts_2E: torch.Tensor, n_assignments: int) -> list[int]:
-        E = counts_2E.numel() // 2  # rows per (rank, expert) block, sent then received
-        rows = [n_assignments // E + (e < n_assignments % E) for e in range(E)]
-        return rows + rows
-    return split_sizes
+def _balanced_split_sizes(sizes: torch.Tensor, n_assignments: int) -> list[int]:
+    """dispatch.split_sizes under balanced routing: what this rank sends, then receives, spread evenly
+    over the entries of each half (per peer rank, or per expert)."""
+    half = sizes.numel() // 2
+    rows = [n_assignments // half + (i < n_assignments % half) for i in range(half)]
+    return rows + rows
 
 
 def _grouped_mm_on_fake(a_NK: torch.Tensor, b_EKN: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
@@ -255,7 +257,7 @@ def simulate(cfg: Config, world: int, ep: Optional[int] = None) -> dict:
     cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, ep=ep))
     t, precision = cfg.train, _precision(cfg)
     micro_steps = sorted({0, t.grad_accum - 1})
-    with fake_world(world), _swapped(dispatch, "split_sizes", _balanced_splits(ep)), \
+    with fake_world(world), _swapped(dispatch, "split_sizes", _balanced_split_sizes), \
             _swapped(moe, "grouped_mm", _grouped_mm_on_fake), \
             _swapped(attention, "v_padding_needed", _v_padding_on_real):
         mesh = rank0_mesh(world, ep)
