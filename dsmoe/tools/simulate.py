@@ -15,11 +15,13 @@ Assumptions, returned with the result (`assumptions`):
   which fake tensors do not hold, so every expert gets T*K/E rows from every rank
   (dsmoe.parallel.dispatch.split_sizes is swapped for that);
 - CPU kernels: the fake tensors live on the CPU in the config's precision (`auto` = bf16 for a GPU
-  config), so SDPA picks the CPU's kernel (MLA pads V there, not on CUDA), the expert-parallel
-  dispatcher its CPU transport, and CUDA's allocator (512-byte rounding, caching, fragmentation) and
-  the scratch memory inside single kernels are not counted: the tracker sees each op's outputs;
+  config), so SDPA picks the CPU's kernel (MLA pads V there, not on CUDA), and CUDA's allocator
+  (512-byte rounding, caching, fragmentation) and the scratch memory inside single kernels are not
+  counted: the tracker sees each op's outputs. The expert-parallel dispatcher takes the transport of
+  the config's device;
 - DDP: its C++ reducer cannot run on fake tensors, so its gradient buckets are reproduced as what they
-  are under gradient_as_bucket_view: one flat buffer the replicated gradients are views of;
+  are under gradient_as_bucket_view (BucketedDDP): one flat buffer the replicated gradients become
+  views of on the synchronising backward, beside which the no_sync micro-steps accumulate;
 - micro-steps: the first and the last run; the ones between start and end like the last (every
   unit's gradient held unsharded under FSDP2, or in DDP's buckets), so they add no new peak.
 """
@@ -28,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -54,9 +56,8 @@ from dsmoe.train.sharded_checkpoint import ShardedState
 ASSUMPTIONS = [
     "balanced routing: every expert gets T*K/E token rows from every rank per MoE layer (the real split "
     "sizes depend on the data)",
-    "CPU kernels on fake tensors: SDPA takes the CPU's kernel (MLA pads V there), the expert-parallel "
-    "dispatcher its CPU transport, and CUDA's allocator rounding, caching and kernel workspaces are not "
-    "counted (nor any kernel's internal scratch)",
+    "CPU kernels on fake tensors: SDPA takes the CPU's kernel (MLA pads V there), and CUDA's allocator "
+    "rounding, caching and any kernel's internal scratch memory are not counted",
 ]
 DDP_ASSUMPTION = ("DDP's gradient buckets (gradient_as_bucket_view) are one flat buffer; gradients become its views "
                   "on the synchronising backward")
@@ -72,7 +73,7 @@ class StepParts:
     optimizer: torch.optim.Optimizer
     experts: Optional[ExpertShards]
     param_sets: list
-    block_fn: object
+    block_fn: Optional[Callable]
     fsdp: bool
     distributed: bool
     precision: str
@@ -198,7 +199,10 @@ def build(cfg: Config, mesh: Mesh, precision: str) -> tuple[StepParts, ShardedSt
     factory = None
     if mesh.ep > 1:
         def factory(layer):
-            return make_dispatcher(E, mesh, drops=cfg.moe.capacity_factor is not None)
+            dispatcher = make_dispatcher(E, mesh, drops=cfg.moe.capacity_factor is not None)
+            if cfg.train.device != "cpu":  # the transport a CUDA rank takes (it is picked by device type)
+                dispatcher.transport = "reorder"
+            return dispatcher
     with unset_fake_temporarily():  # device meshes and process groups are made of real tensors
         model = meta_model(cfg, mesh.ep, vocab_size_of(cfg), dispatcher_factory=factory)
         fsdp = cfg.parallel.dp == "fsdp" and mesh.distributed
