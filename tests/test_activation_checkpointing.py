@@ -82,20 +82,25 @@ def test_saved_bytes_count_the_selective_cache():
 
 
 def run_job(rank, world, cache, run_dir, overrides):
-    """Train; count every all_to_all_single this rank enters (the count exchange precedes each dispatch's
-    host sync, so equal counts also mean no repeated sync)."""
+    """Train; count every all-to-all this rank enters: all_to_all_single (the count exchange, which precedes
+    each dispatch's host sync, so equal counts also mean no repeated sync) and the token exchanges, sent
+    as batches of point-to-point messages (batch_isend_irecv) on CPU."""
     calls = [0]
-    all_to_all_single = dist.all_to_all_single
+    originals = {name: getattr(dist, name) for name in ("all_to_all_single", "batch_isend_irecv")}
 
-    def counting(*args, **kwargs):
-        calls[0] += 1
-        return all_to_all_single(*args, **kwargs)
+    def counting(fn):
+        def call(*args, **kwargs):
+            calls[0] += 1
+            return fn(*args, **kwargs)
+        return call
 
-    dist.all_to_all_single = counting
+    for name, fn in originals.items():
+        setattr(dist, name, counting(fn))
     try:
         history = Trainer(small_config(run_dir, cache, *overrides)).fit()["history"]
     finally:
-        dist.all_to_all_single = all_to_all_single
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
     return {"losses": [r["loss"] for r in history if "loss" in r], "a2a_calls": calls[0],
             "a2a_mb": [r["a2a_mb_per_step"] for r in history if "a2a_mb_per_step" in r]}
 

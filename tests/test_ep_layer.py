@@ -19,6 +19,7 @@ from tests.distributed import run_workers
 
 E, D, B, S = 8, 16, 2, 5
 CASES = ("plain", "skewed", "local_only", "drops", "empty_rank")
+TRANSPORTS = ("blocks", "reorder")  # per-block messages into place / one all-to-all and a reorder
 
 
 def case_cfg(case, impl="grouped"):
@@ -49,7 +50,7 @@ def close(actual, expected, what):
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"{what}\n{m}")
 
 
-def check_case(mesh, case):
+def check_case(mesh, case, transport="blocks"):
     rank, world, ep = mesh.rank, mesh.world, mesh.ep
     cfg = case_cfg(case)
     torch.manual_seed(0)
@@ -62,7 +63,7 @@ def check_case(mesh, case):
     El = E // ep
     e0, e1 = mesh.ep_rank * El, (mesh.ep_rank + 1) * El
 
-    dispatcher = AllToAllDispatcher(E, mesh.ep_group, drops=cfg.moe.capacity_factor is not None)
+    dispatcher = AllToAllDispatcher(E, mesh.ep_group, drops=cfg.moe.capacity_factor is not None, transport=transport)
     assert dispatcher.n_local_experts == El
     moe = MoE(cfg, dispatcher)
     state = full.state_dict()
@@ -123,7 +124,7 @@ def _ep_worker(rank, world, eps):
     for ep in eps:
         mesh = init_mesh(device="cpu", ep=ep)  # the harness already started the group: builds groups only
         assert mesh.ep_group is not None and dist.get_world_size(mesh.ep_group) == ep
-        done += [(ep, check_case(mesh, case)) for case in CASES]
+        done += [(ep, check_case(mesh, case, t)) for case in CASES for t in TRANSPORTS]
     assert not moe_module._warned  # the EP side really ran the grouped GEMM: no fallback to the loop
     return done
 
@@ -132,7 +133,7 @@ def _ep_worker(rank, world, eps):
 def test_ep_layer_equals_single_process(world, eps):
     """ep = world, and at world 4 also edp x ep = 2 x 2; every case in one launch per world size."""
     results = run_workers(_ep_worker, world, args=(eps,))
-    assert all(r == [(ep, c) for ep in eps for c in CASES] for r in results)
+    assert all(r == [(ep, c) for ep in eps for c in CASES for _ in TRANSPORTS] for r in results)
 
 
 def _comm_worker(rank, world):
@@ -142,8 +143,7 @@ def _comm_worker(rank, world):
     in_splits = [rank * (s + 1) for s in range(world)]
     out_splits = [r * (rank + 1) for r in range(world)]
     x = (100.0 * rank + torch.arange(sum(in_splits) * 3, dtype=torch.float32).view(-1, 3)).requires_grad_()
-    out, pending = all_to_all(x, in_splits, out_splits, group, async_op=True)
-    pending.wait()
+    out = all_to_all(x, in_splits, out_splits, group, async_op=True).wait()
     expected = []
     for r in range(world):
         start = sum(r * (s + 1) for s in range(rank))
@@ -166,6 +166,9 @@ def _comm_worker(rank, world):
     with pytest.raises(ValueError) as e:
         AllToAllDispatcher(5, group)
     msgs["experts"] = str(e.value)
+    with pytest.raises(ValueError) as e:
+        AllToAllDispatcher(4, group, transport="nvshmem")
+    msgs["transport"] = str(e.value)
     dist.barrier()  # every rank got here: nothing is stuck in a collective
     return msgs
 
@@ -177,3 +180,72 @@ def test_comm_exchange_and_split_errors():
         assert "rank 0 sends 2 rows to rank 1, which expects 3" in m["peer"]
         assert "sends 2 rows to rank 0" not in m["peer"]  # the consistent pairs are not blamed
         assert "n_routed_experts=5" in m["experts"] and "EP group size 2" in m["experts"]
+        assert "'blocks', 'reorder'" in m["transport"]
+
+
+def _bucket_worker(rank, world):
+    from dsmoe.parallel.expert_state import ExpertShards
+    from dsmoe.parallel.mesh import Mesh
+    from tests.test_compile import batch, small_model
+
+    mesh = Mesh(rank=rank, world=world, ep=1, edp_group=dist.group.WORLD)  # edp = 2: every rank all experts
+    out = {}
+    for cap in (None, 1e-3, 25.0):  # after backward (no hooks); a bucket per tensor; one bucket
+        model = small_model()
+        shards = ExpertShards.of(model, mesh, 8)
+        last = {"now": False}
+        if cap is not None:
+            shards.reduce_in_backward(lambda: last["now"], bucket_mb=cap)
+        gen = torch.Generator().manual_seed(rank)
+        in_flight = []
+        for micro in range(2):  # gradient accumulation: reduce on the last micro-step only
+            last["now"] = micro == 1
+            model(*batch(gen)).loss.backward()
+            in_flight.append(len(shards._buckets.inflight) if cap is not None else 0)
+        shards.reduce_grads()
+        out[cap] = ([p.grad.clone() for p in shards.params], in_flight)
+    return out
+
+
+def test_expert_gradients_reduced_in_buckets_during_backward_equal_the_reduction_after():
+    for r in run_workers(_bucket_worker, 2):
+        ref, _ = r[None]
+        for cap, launched in ((1e-3, 3), (25.0, 1)):  # w_gate, w_up, w_down of the one MoE layer
+            grads, in_flight = r[cap]
+            assert in_flight == [0, launched]  # nothing on the first micro-step, all during the last backward
+            for g, h in zip(grads, ref):
+                assert torch.equal(g, h)
+
+
+def _overlap_worker(rank, world):
+    from dsmoe.parallel import comm
+
+    mesh = init_mesh(device="cpu", ep=world)
+    events = []
+    run = comm._Route.run
+
+    def logged(self, x, reverse, async_op):
+        events.append(("exchange", "backward" if reverse else "forward", "async" if async_op else "sync"))
+        return run(self, x, reverse, async_op)
+
+    comm._Route.run = logged
+    torch.manual_seed(0)
+    moe = MoE(case_cfg("plain"), AllToAllDispatcher(E, mesh.ep_group))
+    for name in ("w_gate", "w_up", "w_down"):
+        getattr(moe.shared, name).weight.register_post_accumulate_grad_hook(lambda p, name=name: events.append(name))
+    x, gy = rank_tokens("plain", rank)
+    y, _ = moe(x.requires_grad_())
+    events.append("backward")
+    (y * gy).sum().backward()
+    return events
+
+
+def test_reverse_exchanges_overlap_the_shared_experts_backward():
+    """Backward launches each reverse exchange, then computes a part of the shared experts, then collects
+    it: the combine's with the down projection, the dispatch's with the gate and up projections."""
+    for events in run_workers(_overlap_worker, 2):
+        back = events[events.index("backward") + 1:]
+        assert back[0] == ("exchange", "backward", "async") and back[1] == "w_down"
+        i = back.index(("exchange", "backward", "async"), 1)
+        assert sorted(back[i + 1:i + 3]) == ["w_gate", "w_up"], back
+        assert events[:2] == [("exchange", "forward", "async")] * 2  # dispatch and combine overlap forward work

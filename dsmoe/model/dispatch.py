@@ -36,7 +36,9 @@ class Dispatcher:
         """`overlap` runs while tokens are in flight (the shared experts); its result is `handle.overlap_result`."""
         raise NotImplementedError
 
-    def combine(self, expert_y_ND: torch.Tensor, topk_weight_TK: torch.Tensor, handle) -> torch.Tensor:
+    def combine(self, expert_y_ND: torch.Tensor, topk_weight_TK: torch.Tensor, handle,
+                overlap: Optional[Callable[[], object]] = None) -> torch.Tensor:
+        """`overlap` runs while the rows travel back; its result replaces `handle.overlap_result`."""
         raise NotImplementedError
 
 
@@ -78,7 +80,9 @@ class LocalDispatcher(Dispatcher):
             expert_x = torch.where(kept_row[:, None], expert_x, 0.0)
         return expert_x, counts, handle
 
-    def combine(self, expert_y_ND, topk_weight_TK, handle: LocalHandle):
+    def combine(self, expert_y_ND, topk_weight_TK, handle: LocalHandle, overlap=None):
+        if overlap is not None:
+            handle.overlap_result = overlap()
         weight_N = topk_weight_TK.reshape(-1)[handle.order].float()
         y_ND = expert_y_ND.float()
         if handle.kept_row is not None:

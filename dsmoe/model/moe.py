@@ -24,7 +24,11 @@ class SwiGLU(nn.Module):
         self.w_down.is_residual_proj = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+        return self.w_down(self.hidden(x))
+
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(x W_gate) * (x W_up): the input of w_down."""
+        return F.silu(self.w_gate(x)) * self.w_up(x)
 
 
 @dataclass
@@ -234,12 +238,16 @@ class MoE(nn.Module):
 
 
 def _route(moe: MoE, x_TD: torch.Tensor, routing: Routing, run_local: Callable, dtype: torch.dtype) -> torch.Tensor:
-    """Dispatch, routed experts, combine, plus the shared experts (computed while tokens travel): [T, d]."""
-    shared_fn = (lambda: run_local(moe.shared, x_TD)) if moe.shared is not None else None
-    expert_x, counts, handle = moe.dispatcher.dispatch(x_TD, routing.topk_idx, overlap=shared_fn)
+    """Dispatch, routed experts, combine, plus the shared experts: [T, d]. Their gate and up
+    projections run while the tokens travel to the experts, the down projection while the results
+    travel back (in backward, the reverse exchanges overlap those projections' backward)."""
+    shared = moe.shared
+    hidden_fn = (lambda: run_local(shared.hidden, x_TD)) if shared is not None else None
+    expert_x, counts, handle = moe.dispatcher.dispatch(x_TD, routing.topk_idx, overlap=hidden_fn)
     expert_y = run_local(moe.experts, expert_x, counts)
-    y_TD = moe.dispatcher.combine(expert_y, routing.topk_weight, handle).to(dtype)
-    if moe.shared is not None:
+    down_fn = (lambda: run_local(shared.w_down, handle.overlap_result)) if shared is not None else None
+    y_TD = moe.dispatcher.combine(expert_y, routing.topk_weight, handle, overlap=down_fn).to(dtype)
+    if shared is not None:
         y_TD = y_TD + handle.overlap_result
     return y_TD
 

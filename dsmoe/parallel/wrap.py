@@ -105,7 +105,8 @@ def compile_blocks(model: torch.nn.Module, backend: str = "inductor", dynamic: O
     on a row count that changes every step, combine) must run eagerly; a graph break that deep would
     cut the block at every enclosing call (dynamo ends the outer frames' graphs there too), so such a
     block is compiled in its pieces instead: the attention sub-layer, the MoE's norm, router and shared
-    experts, with the route between them eager: in effect one break per MoE block, at its host sync.
+    experts' gate and up projections, with the route between them eager: in effect one break per MoE
+    block, at its host sync.
     Activation checkpointing policies work as they do eagerly (tests/test_compile.py).
     `dynamic=False` specialises on shapes (the training micro-batch; another shape compiles another
     graph); `backend`/`mode` go to torch.compile as they are.
@@ -122,9 +123,10 @@ def compile_blocks(model: torch.nn.Module, backend: str = "inductor", dynamic: O
         moe = block.ffn if block.is_moe else None
         if moe is not None and moe.dispatcher.syncs_host:
             block.attention_residual = compiled(block.attention_residual)
-            for piece in (block.ffn_norm, moe.router, moe.shared):
-                if piece is not None:
-                    piece.forward = compiled(piece.forward)
+            block.ffn_norm.forward = compiled(block.ffn_norm.forward)
+            moe.router.forward = compiled(moe.router.forward)
+            if moe.shared is not None:  # its gate and up projections; the down projection is one GEMM
+                moe.shared.hidden = compiled(moe.shared.hidden)
         else:
             block.forward = compiled(block.forward)
     return model
