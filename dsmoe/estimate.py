@@ -153,16 +153,17 @@ def format_estimate(est: dict, title: str = "", budget: Optional[tuple[float, st
         ("gradients", est["grads"], "fp32" + (", unsharded between micro-steps" if est["grads_unsharded"] else "")
          + (", + DDP buckets beside the accumulating ones" if est["grads_beside_buckets"] else "")),
         ("optimizer state", est["optimizer"], "AdamW 2 x fp32"),
-        ("autocast weight copies", est["weight_casts"], "16-bit matmul weights"),
-        ("FSDP gathered blocks", est["fsdp_gathered"], "unsharded for compute"),
-        ("activations (no ckpt)", est["activations_none"], "saved for backward"),
-        ("activations (full ckpt)", est["activations_full"], "block inputs + 1 block"),
-        ("loss (chunked logits)", est["logits"], "1 chunk + head grads"),
+        ("autocast weight copies", est["weight_casts"], "16-bit matmul weights held at the peak"),
+        ("FSDP gathered units", est["fsdp_gathered"], "root + blocks unsharded for compute"),
+        (f"activations ({est['policy']})", est["activations"], "saved for backward (+ a recomputed block)"),
+        ("loss (chunked logits)", est["logits"], "a chunk of logits + the head's gradients"),
+        ("activations (no ckpt)", est["activations_none"], "for comparison"),
+        ("activations (full ckpt)", est["activations_full"], "for comparison: block inputs + 1 block"),
     ]
     for name, b, note in rows:
         table.add_row(name, f"{b / GiB:.2f}", f"{b:,}", note)
     table.add_row(f"peak, checkpointing {est['policy']}", f"{est['total'] / GiB:.2f}", f"{est['total']:,}",
-                  "forward + backward", style="bold")
+                  f"in the {est['peak_at']}", style="bold")
     if budget is not None:
         table.add_row("usable memory", f"{budget[0] / GiB:.2f}", f"{int(budget[0]):,}",
                       f"{budget[1]} - {HEADROOM:.0%}")
