@@ -160,3 +160,11 @@ def test_a_step_that_does_not_log_syncs_the_host_once(tmp_path, data_cache, monk
             t.train_step()
             assert calls == ["tolist"], (precision, calls)
         monkeypatch.undo()
+
+
+def test_fp8_off_its_hardware_is_refused_with_the_fix(tmp_path, data_cache):
+    """train.fp8 needs a CUDA GPU of compute capability 8.9+ and torchao: on the CPU, a ConfigError naming both."""
+    from dsmoe.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.fp8 needs a CUDA GPU.*8.9"):
+        Trainer(small_config(tmp_path, data_cache, "--train.fp8=true"))

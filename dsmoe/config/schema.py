@@ -92,6 +92,7 @@ class TrainConfig:
     device: str = doc("auto", "auto, cpu, cuda or cuda:N")
     seed: int = doc(1337, "seed for init, data order and sampling")
     compile: bool = doc(False, "torch.compile each transformer block (regional compilation)")
+    fp8: bool = doc(False, "FP8 training (torchao float8) of the dense linears; CUDA sm_89+ with torchao only")
     threads: int = doc(0, "intra-op CPU threads per process; 0 = cores / processes on this machine "
                           "(OMP_NUM_THREADS wins)")
     log_every: int = doc(10, "optimizer steps between console/metrics lines")

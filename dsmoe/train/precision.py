@@ -35,3 +35,32 @@ def autocast(precision: str, device: torch.device):
 
 def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+FP8_MIN_CAPABILITY = (8, 9)  # Ada (RTX 40xx) and Hopper have fp8 tensor cores
+
+
+def apply_fp8(model: torch.nn.Module, device: torch.device) -> int:
+    """`train.fp8`: torchao's float8 training (tensorwise scaling) on the dense nn.Linear layers whose
+    sizes are multiples of 16; the LM head, the router (not an nn.Linear) and the routed experts' grouped GEMMs stay in the
+    autocast dtype. Call it before FSDP sharding. Returns the number of converted layers.
+
+    Raises ConfigError off CUDA, below compute capability 8.9 (T4, A100) or without torchao."""
+    if device.type != "cuda":
+        raise ConfigError("train.fp8 needs a CUDA GPU with fp8 tensor cores (compute capability 8.9+: H100, "
+                          "RTX 40xx); on this device use train.precision=bf16 or fp32 and train.fp8=false")
+    cap = torch.cuda.get_device_capability(device)
+    if cap < FP8_MIN_CAPABILITY:
+        raise ConfigError(f"train.fp8 needs compute capability 8.9+, {torch.cuda.get_device_name(device)} is "
+                          f"sm_{cap[0]}{cap[1]}: set train.fp8=false (fp16 on T4, bf16 on A100)")
+    try:
+        from torchao.float8 import convert_to_float8_training
+    except ImportError:
+        raise ConfigError("train.fp8 needs torchao: pip install torchao (or set train.fp8=false)") from None
+
+    def keep(module: torch.nn.Module, fqn: str) -> bool:
+        return isinstance(module, torch.nn.Linear) and fqn != "output" and \
+            module.in_features % 16 == 0 and module.out_features % 16 == 0
+
+    convert_to_float8_training(model, module_filter_fn=keep)
+    return sum(type(m).__name__ == "Float8Linear" for m in model.modules())

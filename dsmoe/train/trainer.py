@@ -33,7 +33,7 @@ from dsmoe.train.init_from import load_weights
 from dsmoe.train.guard import Guard, GuardPolicy, params_all_finite
 from dsmoe.train.optim import build_optimizer, clip_grad_norm
 from dsmoe.train.data import TrainData
-from dsmoe.train.precision import autocast, grad_scaler, resolve_precision
+from dsmoe.train.precision import apply_fp8, autocast, grad_scaler, resolve_precision
 from dsmoe.train.sharded_checkpoint import ShardedState, load_meta
 from dsmoe.train.signals import StopRequest
 from dsmoe.train.state import Checkpoints, Progress, decide, schedule_of
@@ -65,6 +65,8 @@ class Trainer:
         with torch.device("meta"):
             self.model = self._build_model()
         self.fsdp = cfg.parallel.dp == "fsdp" and self.mesh.distributed
+        if t.fp8:  # before sharding: FSDP2 then gathers the float8 weights' own way
+            apply_fp8(self.model, self.device)
         if self.fsdp:  # first: sharding replaces the parameters
             apply_fsdp(self.model, self.mesh, cfg.parallel, self.precision)
         self.model.to_empty(device=self.device)
