@@ -36,7 +36,9 @@ def test_ddp_equals_single_process_with_the_whole_batch(tmp_path, data_cache, wo
     per_rank = 2
     ref = train_single(tmp_path / "single", data_cache, [f"--train.micro_batch={world * per_rank}"])
     got = run_workers(train_worker, world, (tmp_path / "ddp", data_cache, [f"--train.micro_batch={per_rank}"], None))
-    assert_same_run(got[0], ref, 1e-6)
+    # fp32 sums in another order (per-rank means, bucketed all-reduce, the chunked loss); AdamW's first
+    # steps amplify that to ~1e-6 in the parameters: the same tolerance as the EP and FSDP2 equality tests
+    assert_same_run(got[0], ref, 1e-5)
 
 
 def test_ddp_resume_is_exact_and_moves_between_world_sizes(tmp_path, data_cache):
