@@ -20,7 +20,7 @@ SMALL = ["--model.d_model=128", "--model.n_layers=3", "--model.n_heads=4", "--mo
          "--attention.kv_lora_rank=64", "--attention.qk_nope_head_dim=32", "--attention.qk_rope_head_dim=16",
          "--attention.v_head_dim=32", "--moe.n_routed_experts=8", "--moe.n_shared_experts=1",
          "--moe.expert_hidden=64", "--moe.n_groups=4", "--moe.topk_groups=2", "--moe.top_k=2",
-         "--train.micro_batch=2", "--train.seq_len=128", "--train.grad_accum=2", "--train.device=cpu",
+         "--train.micro_batch=2", "--train.seq_len=64", "--train.grad_accum=2", "--train.device=cpu",
          "--data.tokenizer=byte", "--train.eval_every=0", "--train.sample_every=0", "--log.rich=off"]
 LAYOUTS = {"fsdp": CONFIG_ROOT / "runs" / "v3-mini-h100-fsdp.yaml", "ddp": CONFIG_ROOT / "hardware" / "h100_multinode.yaml"}
 
