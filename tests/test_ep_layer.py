@@ -19,7 +19,7 @@ from tests.distributed import run_workers
 
 E, D, B, S = 8, 16, 2, 5
 CASES = ("plain", "skewed", "local_only", "drops", "empty_rank")
-TRANSPORTS = ("segments", "reorder")  # experts per source-rank segment / a reorder to expert-major
+TRANSPORTS = ("blocks", "reorder")  # per-block messages into place / one all-to-all and a reorder
 
 
 def case_cfg(case, impl="grouped"):
@@ -50,7 +50,7 @@ def close(actual, expected, what):
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"{what}\n{m}")
 
 
-def check_case(mesh, case, transport="segments"):
+def check_case(mesh, case, transport="blocks"):
     rank, world, ep = mesh.rank, mesh.world, mesh.ep
     cfg = case_cfg(case)
     torch.manual_seed(0)
@@ -180,7 +180,7 @@ def test_comm_exchange_and_split_errors():
         assert "rank 0 sends 2 rows to rank 1, which expects 3" in m["peer"]
         assert "sends 2 rows to rank 0" not in m["peer"]  # the consistent pairs are not blamed
         assert "n_routed_experts=5" in m["experts"] and "EP group size 2" in m["experts"]
-        assert "'segments', 'reorder'" in m["transport"]
+        assert "'blocks', 'reorder'" in m["transport"]
 
 
 def _bucket_worker(rank, world):

@@ -156,25 +156,18 @@ class GroupedExperts(nn.Module):
         self.w_up = nn.Parameter(torch.empty(n_experts, d_model, hidden))
         self.w_down = nn.Parameter(torch.empty(n_experts, hidden, d_model))
 
-    def forward(self, x_ND, counts_E: torch.Tensor):
-        """x_ND: [N, d] rows grouped by expert (counts_E [E] rows each, then padding); returns [N, d].
-        Or segments (expert parallelism, dsmoe.parallel.dispatch): a tuple of G such tensors with
-        counts_E [G, E], each computed on its own; returns the tuple of their outputs."""
-        x0 = x_ND[0] if isinstance(x_ND, (tuple, list)) else x_ND
-        dtype = torch.get_autocast_dtype(x0.device.type) if torch.is_autocast_enabled(x0.device.type) else x0.dtype
-        weights = tuple(w.to(dtype) for w in (self.w_gate, self.w_up, self.w_down))  # cast once for all segments
-        if isinstance(x_ND, (tuple, list)):
-            return tuple(self._compute(x.to(dtype), c, *weights) for x, c in zip(x_ND, counts_E.unbind(0)))
-        return self._compute(x_ND.to(dtype), counts_E, *weights)
-
-    def _compute(self, x_ND, counts_E, w_gate, w_up, w_down):
+    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """x_ND: [N, d] rows grouped by expert (counts_E [E] rows each, then padding); returns [N, d]."""
+        dtype = torch.get_autocast_dtype(x_ND.device.type) if torch.is_autocast_enabled(x_ND.device.type) else x_ND.dtype
+        x_ND = x_ND.to(dtype)
+        w_gate, w_up, w_down = (w.to(dtype) for w in (self.w_gate, self.w_up, self.w_down))
         if self.impl == "grouped":
             reason = self.fallback_reason(x_ND)
             if reason is None:
                 try:
                     return self._grouped(x_ND, counts_E, w_gate, w_up, w_down)
                 except NotImplementedError as e:  # no kernel for this device: everything else propagates
-                    _no_kernel[(x_ND.device.type, x_ND.dtype)] = reason = f"grouped_mm is not implemented here ({e})"
+                    _no_kernel[(x_ND.device.type, dtype)] = reason = f"grouped_mm is not implemented here ({e})"
             _warn_once(reason)
         return self._loop(x_ND, counts_E, w_gate, w_up, w_down)
 

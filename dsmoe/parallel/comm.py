@@ -77,42 +77,48 @@ class Pending:
         self.works, self.buffers = [], ()
 
 
+Block = tuple  # (group rank of the peer, tag, first row, rows): one contiguous run of rows to or from a peer
+
+
 class _Route:
-    """Where rows go, forward and (for the gradient) in reverse: an uneven all_to_all_single of one
-    tensor (`splits`), or per-peer segments gathered into one tensor (`segments`: what each peer
-    returns), whose reverse hands each peer's rows back as a separate tensor."""
+    """Where rows go: an uneven all_to_all_single (`splits`) or blocks of point-to-point messages
+    (`blocks`); `run` moves rows forward or, for the gradient, in reverse."""
 
-    def __init__(self, group, timer, splits=None, segments=None):
-        self.group, self.timer, self.splits, self.segments = group, timer, splits, segments
+    def __init__(self, group, timer, splits=None, blocks=None, n_rows=None):
+        self.group, self.timer, self.splits, self.blocks, self.n_rows = group, timer, splits, blocks, n_rows
 
-    def run(self, xs: list, reverse: bool, async_op: bool):
-        """(outputs, works): wait on `works` before reading the outputs (none unless async_op)."""
-        xs = [x.contiguous() for x in xs]
+    def run(self, x: torch.Tensor, reverse: bool, async_op: bool):
+        """(out, works): `works` to wait on before reading `out` (empty unless async_op)."""
+        x = x.contiguous()
         if self.splits is not None:
             ins, outs = self.splits[::-1] if reverse else self.splits
-            out = xs[0].new_empty((sum(outs), *xs[0].shape[1:]))
-            work = dist.all_to_all_single(out, xs[0], list(outs), list(ins), group=self.group, async_op=async_op)
-            return [out], [work] if async_op else []
-        rows, seg_rows = self.segments  # rows gathered from each peer; rows of the segment each peer sent
-        me, G = dist.get_rank(self.group), dist.get_world_size(self.group)
-        if reverse:  # slices of one tensor out, one tensor per peer in
-            sends = list(xs[0].split(rows))
-            outs = [xs[0].new_empty((n, *xs[0].shape[1:])) for n in seg_rows]
-            recvs = outs
-        else:
-            sends = xs
-            outs = [xs[0].new_empty((sum(rows), *xs[0].shape[1:]))]
-            recvs = list(outs[0].split(rows))
-        recvs[me].copy_(sends[me])
-        ops = [dist.P2POp(op, t, dist.get_global_rank(self.group, r), self.group)
-               for r in range(G) if r != me
-               for op, t in ((dist.irecv, recvs[r]), (dist.isend, sends[r])) if t.numel()]
-        works = dist.batch_isend_irecv(ops) if ops else []
-        if not async_op:
-            for w in works:
-                w.wait()
-            works = []
-        return outs, works
+            out = x.new_empty((sum(outs), *x.shape[1:]))
+            work = dist.all_to_all_single(out, x, list(outs), list(ins), group=self.group, async_op=async_op)
+            return out, [work] if async_op else []
+        sends, recvs = self.blocks[::-1] if reverse else self.blocks
+        return _exchange(x, sends, recvs, self.n_rows[0 if reverse else 1], self.group, async_op)
+
+
+def _exchange(x: torch.Tensor, sends: Sequence[Block], recvs: Sequence[Block], n_out: int, group, async_op: bool):
+    """Post every block as a point-to-point message (blocks to this rank are copies); (out, works)."""
+    out = x.new_empty((n_out, *x.shape[1:]))
+    me = dist.get_rank(group)
+    own = {tag: (start, n) for peer, tag, start, n in sends if peer == me}
+    ops = []
+    for peer, tag, start, n in recvs:
+        if peer == me:
+            src, count = own[tag]
+            out[start:start + n].copy_(x[src:src + count])
+        elif n:
+            ops.append(dist.P2POp(dist.irecv, out[start:start + n], dist.get_global_rank(group, peer), group, tag))
+    ops += [dist.P2POp(dist.isend, x[start:start + n], dist.get_global_rank(group, peer), group, tag)
+            for peer, tag, start, n in sends if peer != me and n]
+    works = dist.batch_isend_irecv(ops) if ops else []
+    if not async_op:
+        for w in works:
+            w.wait()
+        works = []
+    return out, works
 
 
 class _Link:
@@ -120,7 +126,7 @@ class _Link:
 
     def __init__(self):
         self.works, self.buffers = [], ()  # forward exchange in flight
-        self.grads, self.grad_works = None, []  # reverse exchange, launched by _Wait's backward
+        self.grad, self.grad_works = None, []  # reverse exchange, launched by _Wait's backward
 
 
 class _Start(torch.autograd.Function):
@@ -128,24 +134,24 @@ class _Start(torch.autograd.Function):
     backward ran in between overlapped it), or run it here when the output was used without _Wait."""
 
     @staticmethod
-    def forward(ctx, route, link, *xs):
+    def forward(ctx, x, route, link):
         ctx.route, ctx.link = route, link
-        (out,), works = route.run(list(xs), reverse=False, async_op=link is not None)
+        out, works = route.run(x, reverse=False, async_op=link is not None)
         if link is not None:
-            link.works, link.buffers = works, (out, *xs)
+            link.works, link.buffers = works, (out, x)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         link = ctx.link
         with comm_phase(ctx.route.timer):
-            if link is not None and link.grads is not None:
+            if link is not None and link.grad is not None:
                 for w in link.grad_works:
                     w.wait()
-                grads, link.grads, link.grad_works = link.grads, None, []
+                grad_in, link.grad, link.grad_works = link.grad, None, []
             else:
-                grads, _ = ctx.route.run([grad_out], reverse=True, async_op=False)
-        return None, None, *grads
+                grad_in, _ = ctx.route.run(grad_out, reverse=True, async_op=False)
+        return grad_in, None, None
 
 
 class _Wait(torch.autograd.Function):
@@ -153,7 +159,7 @@ class _Wait(torch.autograd.Function):
     backward collects it."""
 
     @staticmethod
-    def forward(ctx, route, link, out):
+    def forward(ctx, out, route, link):
         ctx.route, ctx.link = route, link
         with comm_phase(route.timer):
             for w in link.works:
@@ -164,8 +170,8 @@ class _Wait(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         with comm_phase(ctx.route.timer):
-            ctx.link.grads, ctx.link.grad_works = ctx.route.run([grad_out], reverse=True, async_op=True)
-        return None, None, grad_out  # a placeholder: _Start ignores it
+            ctx.link.grad, ctx.link.grad_works = ctx.route.run(grad_out, reverse=True, async_op=True)
+        return grad_out, None, None  # a placeholder: _Start ignores it
 
 
 class InFlight:
@@ -178,30 +184,34 @@ class InFlight:
         self.out, self.route, self.link = out, route, link
 
     def wait(self) -> torch.Tensor:
-        return _Wait.apply(self.route, self.link, self.out)
+        return _Wait.apply(self.out, self.route, self.link)
 
 
-def _launch(xs: Sequence[torch.Tensor], route: _Route, async_op: bool):
+def _launch(x: torch.Tensor, route: _Route, async_op: bool):
     with comm_phase(route.timer):
         if not async_op:
-            return _Start.apply(route, None, *xs)
+            return _Start.apply(x, route, None)
         link = _Link()
-        return InFlight(_Start.apply(route, link, *xs), route, link)
+        return InFlight(_Start.apply(x, route, link), route, link)
 
 
-def gather_segments(segments: Sequence[torch.Tensor], rows: Sequence[int], group=None, async_op: bool = False,
-                    timer=None):
-    """Segment r [n_r, ...] goes to group rank r; from each rank r come rows[r] rows, stacked in rank order
-    into one [sum(rows), ...] tensor: an uneven all-to-all whose input needs no concatenation (point-to-
-    point messages, one per peer; the segment to this rank is a copy). Differentiable: backward returns
-    each segment's gradient. Returns the output, or with async_op an InFlight whose `wait()` returns it.
-    Raises SplitMismatchError without one segment and one row count per group member."""
-    G = dist.get_world_size(group)
-    if len(segments) != G or len(rows) != G:
-        raise SplitMismatchError(f"gather_segments on {_where(group)}: {len(segments)} segments and {len(rows)} row "
-                                 f"counts, need one of each per rank of the group ({G}: ranks {_group_ranks(group)})")
-    route = _Route(group, timer, segments=(tuple(rows), tuple(s.shape[0] for s in segments)))
-    return _launch(segments, route, async_op)
+def exchange_blocks(x: torch.Tensor, sends: Sequence[Block], recvs: Sequence[Block], n_out: int, group=None,
+                    async_op: bool = False, timer=None):
+    """Send blocks of rows of x [n, ...] to peers and receive blocks into a new [n_out, ...] tensor, each
+    at its own offset: an all-to-all whose output needs no reordering afterwards.
+
+    sends / recvs: (group rank of the peer, tag, first row, rows) per block; a peer's send and its
+    receive with the same tag match (so each pair of ranks must agree on the blocks between them), and
+    blocks between this rank and itself are copies. Differentiable. Returns the output, or with
+    async_op an InFlight whose `wait()` returns it. Raises SplitMismatchError when the blocks overrun
+    x or the output."""
+    for name, blocks, rows in (("send", sends, x.shape[0]), ("receive", recvs, n_out)):
+        bad = [b for b in blocks if b[2] < 0 or b[3] < 0 or b[2] + b[3] > rows]
+        if bad:
+            raise SplitMismatchError(f"exchange_blocks on {_where(group)}: {name} blocks {bad} (peer, tag, first "
+                                     f"row, rows) fall outside the {rows} rows")
+    route = _Route(group, timer, blocks=(tuple(sends), tuple(recvs)), n_rows=(x.shape[0], n_out))
+    return _launch(x, route, async_op)
 
 
 def comm_phase(timer):
@@ -222,7 +232,7 @@ def all_to_all(x: torch.Tensor, input_splits: Sequence[int], output_splits: Sequ
     validate_splits(x.shape[0], input_splits, output_splits, group)
     if check_peers:
         check_peer_splits(input_splits, output_splits, group, x.device)
-    return _launch([x], _Route(group, timer, splits=(tuple(input_splits), tuple(output_splits))), async_op)
+    return _launch(x, _Route(group, timer, splits=(tuple(input_splits), tuple(output_splits))), async_op)
 
 
 def exchange_counts(counts_E: torch.Tensor, group=None, async_op: bool = False):

@@ -9,16 +9,14 @@ copy the counts to the host once; send the rows while the shared experts compute
 back the same way and sums each token's k weighted rows in fp32 (dropless: one fused gather-and-sum,
 `embedding_bag`; with capacity drops: a weighted scatter-add).
 
-The grouped GEMM wants rows grouped by expert, while an all-to-all delivers them rank-major: from
-each source rank, its rows grouped by this rank's experts. Two transports (for E/ep > 1):
-- "segments" (default on CPU): the experts run on each source rank's segment as it arrived (a view:
-  `expert_x` is a tuple of ep segments, `counts` [ep, E_local]), and the combine sends each segment's
-  output back as its own point-to-point message, so no pass over the rows reorders or concatenates
-  them: on gloo such a pass costs about as much as sending the rows. Costs ep grouped GEMMs per
-  projection instead of one.
-- "reorder" (default on CUDA): a gather to expert-major after the exchange and back before the return,
-  cheap at HBM bandwidth, so that each projection is one grouped GEMM over all the rows.
-With one expert per rank rank-major is expert-major: one tensor, no reorder.
+The grouped GEMM wants the received rows expert-major, (local expert, source rank), while an
+all-to-all delivers them rank-major. Two transports:
+- "blocks" (default on CPU): each (rank, expert) block is its own point-to-point message, received
+  straight into its expert-major place, so no pass over the rows reorders them; on gloo a pass over
+  the rows costs about as much as sending them, and this halves the dispatcher's own work.
+- "reorder" (default on CUDA): one uneven all_to_all_single (NCCL's fastest path, no per-block
+  messages), then a gather to expert-major and back: cheap at HBM bandwidth.
+With one expert per rank rank-major is expert-major and both are a plain all-to-all.
 """
 from __future__ import annotations
 
@@ -29,7 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from dsmoe.model.dispatch import Dispatcher, LocalDispatcher, LocalHandle, sort_by_expert
-from dsmoe.parallel.comm import all_to_all, check_peer_splits, comm_phase, exchange_counts, gather_segments
+from dsmoe.parallel.comm import all_to_all, check_peer_splits, comm_phase, exchange_blocks, exchange_counts
 
 __all__ = ["Dispatcher", "LocalDispatcher", "LocalHandle", "AllToAllDispatcher", "EPHandle", "make_dispatcher"]
 
@@ -40,6 +38,8 @@ class EPHandle:
     token_of_row: torch.Tensor  # [S] source token of each row sent
     input_splits: list  # rows sent to each EP rank
     output_splits: list  # rows received from each EP rank
+    send_blocks: list | None  # (peer, local expert, first row, rows) in send order; None: all-to-all
+    recv_blocks: list | None  # the same for the expert-major rows received
     to_expert_major: torch.Tensor | None  # "reorder": [N] rank-major row of each expert-major row
     to_rank_major: torch.Tensor | None  # its inverse
     n_tokens: int
@@ -69,8 +69,8 @@ class AllToAllDispatcher(Dispatcher):
         self.check_splits = check_splits
         self.bytes_sent = 0  # to other ranks, dispatch + combine, since the trainer last read it
         self.timer = None  # a StepTimer: exchanges and waits are timed as its `moe_comm` phase
-        if transport not in (None, "segments", "reorder"):
-            raise ValueError(f"transport={transport!r}: choose 'segments', 'reorder' or None (by device)")
+        if transport not in (None, "blocks", "reorder"):
+            raise ValueError(f"transport={transport!r}: choose 'blocks', 'reorder' or None (by device)")
         self.transport = transport
 
     def dispatch(self, x_TD, topk_idx_TK, overlap=None):
@@ -86,9 +86,12 @@ class AllToAllDispatcher(Dispatcher):
             send_x = x_TD.index_select(0, token_of_row)
         with comm_phase(self.timer):
             counts_pending.wait()
-            # The one device-to-host copy of this layer: every split size comes from this single tensor.
-            sizes = split_sizes(torch.cat([counts_E.view(ep, El).sum(1), recv_counts.view(ep, El).sum(1)]), T * K)
-        input_splits, output_splits = sizes[:ep], sizes[ep:]
+            # The one device-to-host copy of this layer: rows per (destination rank, expert) sent, then per
+            # (source rank, local expert) received; every split and block size comes from it.
+            sizes = split_sizes(torch.cat([counts_E, recv_counts]), T * K)
+        send_RL, recv_RL = sizes[:E], sizes[E:]
+        input_splits = [sum(send_RL[r * El:(r + 1) * El]) for r in range(ep)]
+        output_splits = [sum(recv_RL[r * El:(r + 1) * El]) for r in range(ep)]
         off_rank_rows = sum(input_splits) - input_splits[dist.get_rank(self.group)]
         self.bytes_sent += 2 * off_rank_rows * x_TD.shape[1] * x_TD.element_size()  # the combine returns as many
         if self.check_splits:
@@ -98,32 +101,36 @@ class AllToAllDispatcher(Dispatcher):
         if self.drops:
             token_of_row = sent_row // K
             send_x = x_TD.index_select(0, token_of_row)
-        to_expert_major = to_rank_major = None
-        transport = self.transport or ("reorder" if x_TD.device.type == "cuda" else "segments")
-        flight = all_to_all(send_x, input_splits, output_splits, self.group, async_op=True, timer=self.timer)
-        if El > 1 and transport == "reorder":
-            to_expert_major, to_rank_major = _block_transpose(recv_counts.view(ep, El), sum(output_splits))
+        send_blocks = recv_blocks = to_expert_major = to_rank_major = None
+        transport = self.transport or ("reorder" if x_TD.device.type == "cuda" else "blocks")
+        if El > 1 and transport == "blocks":
+            send_blocks, recv_blocks = _blocks(send_RL, recv_RL, ep, El)
+            flight = exchange_blocks(send_x, send_blocks, recv_blocks, sum(output_splits), self.group,
+                                     async_op=True, timer=self.timer)
+        else:
+            flight = all_to_all(send_x, input_splits, output_splits, self.group, async_op=True, timer=self.timer)
+            if El > 1:
+                to_expert_major, to_rank_major = _block_transpose(recv_counts.view(ep, El), sum(output_splits))
         overlap_result = overlap() if overlap is not None else None  # shared experts, while tokens fly
         # dropless (every assignment sent, known from the host-side splits): combine can gather the rows
         # back into (token, k) order and reduce them in one pass
         assign_order = _inverse(order) if sum(input_splits) == T * K else None
         expert_x = flight.wait()  # times what the overlapped work did not hide
-        handle = EPHandle(sent_row, token_of_row, input_splits, output_splits, to_expert_major, to_rank_major, T,
-                          overlap_result, assign_order)
-        if El > 1 and transport == "segments":
-            return expert_x.split(output_splits), recv_counts.view(ep, El), handle
         if to_expert_major is not None:
             expert_x = expert_x.index_select(0, to_expert_major)
+        handle = EPHandle(sent_row, token_of_row, input_splits, output_splits, send_blocks, recv_blocks,
+                          to_expert_major, to_rank_major, T, overlap_result, assign_order)
         return expert_x, recv_counts.view(ep, El).sum(0), handle
 
     def combine(self, expert_y_ND, topk_weight_TK, handle: EPHandle, overlap=None):
-        if isinstance(expert_y_ND, (tuple, list)):  # "segments": each back to its source rank
-            flight = gather_segments(expert_y_ND, handle.input_splits, self.group, async_op=True, timer=self.timer)
-        else:
+        if handle.send_blocks is None:
             if handle.to_rank_major is not None:
                 expert_y_ND = expert_y_ND.index_select(0, handle.to_rank_major)
             flight = all_to_all(expert_y_ND, handle.output_splits, handle.input_splits, self.group, async_op=True,
                                 timer=self.timer)
+        else:  # every block back to where it came from, in the sender's row order
+            flight = exchange_blocks(expert_y_ND, handle.recv_blocks, handle.send_blocks, sum(handle.input_splits),
+                                     self.group, async_op=True, timer=self.timer)
         if overlap is not None:
             handle.overlap_result = overlap()
         y_SD = flight.wait()
@@ -133,19 +140,36 @@ class AllToAllDispatcher(Dispatcher):
             T, K = topk_weight_TK.shape
             out = F.embedding_bag(handle.assign_order.view(T, K), y_SD.float(),
                                   per_sample_weights=topk_weight_TK.float(), mode="sum")
-            return out.to(y_SD.dtype)
+            return out.to(expert_y_ND.dtype)
         weight_S = topk_weight_TK.reshape(-1)[handle.sent_row].float()
         out = torch.zeros(handle.n_tokens, y_SD.shape[1], dtype=torch.float32, device=y_SD.device)
         # fp32 accumulation, as LocalDispatcher: a token's k expert outputs are summed in full precision
         out.index_add_(0, handle.token_of_row, y_SD.float() * weight_S[:, None])
-        return out.to(y_SD.dtype)
+        return out.to(expert_y_ND.dtype)
 
 
-def split_sizes(sizes_2R: torch.Tensor, n_assignments: int) -> list[int]:
-    """Rows sent to, then received from, each EP rank ([2 * ep] counts) as host integers: the layer's one
-    device-to-host copy. The simulated rehearsal (dsmoe.tools.simulate) swaps in balanced routing here,
-    since fake tensors hold no counts; `n_assignments` (T * K) is what it splits."""
-    return sizes_2R.tolist()
+def split_sizes(counts_2E: torch.Tensor, n_assignments: int) -> list[int]:
+    """Rows sent per (destination rank, expert), then received per (source rank, local expert), [2 * E]
+    counts, as host integers: the layer's one device-to-host copy. The simulated rehearsal
+    (dsmoe.tools.simulate) swaps in balanced routing here, since fake tensors hold no counts;
+    `n_assignments` (T * K) is what it splits."""
+    return counts_2E.tolist()
+
+
+def _blocks(send_RL: list, recv_RL: list, ep: int, El: int) -> tuple[list, list]:
+    """(peer, local expert, first row, rows) blocks: sent rows are ordered (destination rank, expert);
+    received rows land expert-major, (local expert, source rank), as the grouped GEMM wants them."""
+    sends, row = [], 0
+    for i, n in enumerate(send_RL):
+        sends.append((i // El, i % El, row, n))
+        row += n
+    recvs, row = [], 0
+    for e in range(El):
+        for r in range(ep):
+            n = recv_RL[r * El + e]
+            recvs.append((r, e, row, n))
+            row += n
+    return sends, recvs
 
 
 def _block_transpose(counts_RL: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
