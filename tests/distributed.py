@@ -4,6 +4,10 @@
 
 The function must be importable (module level). Each worker gets torchrun-style environment
 variables, one CPU thread, and an initialised gloo process group.
+
+Workers fork from one forkserver that imported torch and dsmoe once per test session: a start costs a
+fork, not an interpreter and a torch import (seconds per rank on a 2-core machine). They meet through a
+file:// rendezvous in a fresh temporary directory, so no port is chosen, released and raced for.
 """
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ import io
 import os
 import queue as queue_module
 import socket
+import tempfile
 import time
 import traceback
 
@@ -25,12 +30,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, fn, args, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+PRELOAD = ["torch", "torch.distributed", "torch.distributed.checkpoint", "torch.distributed.fsdp",
+           "dsmoe.model", "dsmoe.parallel.wrap", "dsmoe.train.trainer"]
+
+
+def _context():
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)  # read when the server starts: the first call of a session
+    return ctx
+
+
+def _worker(rank: int, world: int, rendezvous: str, fn, args, queue) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world)
+        dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world)
         buf = io.BytesIO()  # tensors travel as bytes: shared-memory handles die with the worker
         torch.save(fn(rank, world, *args), buf)
         queue.put((rank, "ok", buf.getvalue()))
@@ -43,10 +57,11 @@ def _worker(rank: int, world: int, port: int, fn, args, queue) -> None:
 
 def run_workers(fn, world: int, args: tuple = (), timeout: float = 300.0) -> list:
     """Fails (instead of hanging) when a worker dies without reporting or the whole run overruns."""
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, fn, args, queue)) for r in range(world)]
+    rendezvous_dir = tempfile.TemporaryDirectory(prefix="dsmoe-rdzv-")
+    rendezvous = f"file://{rendezvous_dir.name}/store"
+    procs = [ctx.Process(target=_worker, args=(r, world, rendezvous, fn, args, queue)) for r in range(world)]
     for p in procs:
         p.start()
     results: dict = {}
@@ -69,6 +84,7 @@ def run_workers(fn, world: int, args: tuple = (), timeout: float = 300.0) -> lis
         p.join(timeout=5 if errors else 30)
         if p.is_alive():
             p.kill()
+    rendezvous_dir.cleanup()
     if errors:
         raise RuntimeError("worker failed\n" + "\n".join(errors))
     return [results[r] for r in range(world)]

@@ -12,7 +12,7 @@ import torch
 from dsmoe.config import CONFIG_ROOT, load_config
 from dsmoe.model import Transformer
 from dsmoe.parallel.wrap import block_fn_for, compile_blocks
-from tests.distributed import run_workers
+from distributed import run_workers
 
 SMALL = ["--train.seq_len=16", "--model.n_layers=2", "--model.d_model=32", "--model.n_heads=2",
          "--model.ffn_hidden=64", "--moe.expert_hidden=16", "--attention.kv_lora_rank=16",

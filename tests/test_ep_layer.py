@@ -15,7 +15,7 @@ from dsmoe.model.moe import MoE
 from dsmoe.parallel.comm import SplitMismatchError, all_to_all
 from dsmoe.parallel.dispatch import AllToAllDispatcher
 from dsmoe.parallel.mesh import init_mesh
-from tests.distributed import run_workers
+from distributed import run_workers
 
 E, D, B, S = 8, 16, 2, 5
 CASES = ("plain", "skewed", "local_only", "drops", "empty_rank")
@@ -186,7 +186,7 @@ def test_comm_exchange_and_split_errors():
 def _bucket_worker(rank, world):
     from dsmoe.parallel.expert_state import ExpertShards
     from dsmoe.parallel.mesh import Mesh
-    from tests.test_compile import batch, small_model
+    from test_compile import batch, small_model
 
     mesh = Mesh(rank=rank, world=world, ep=1, edp_group=dist.group.WORLD)  # edp = 2: every rank all experts
     out = {}

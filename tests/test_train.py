@@ -135,7 +135,8 @@ def test_command_line_train_then_generate(tmp_path, data_cache):
     assert load_checkpoint(ckpt)["progress"]["step"] == 4
     gen = subprocess.run([sys.executable, str(REPO / "launch" / "generate.py"), "--ckpt", str(ckpt),
                           "--prompt", "ROMEO:", "--tokens", "10"], capture_output=True, text=True, timeout=120)
-    assert gen.returncode == 0, gen.stderr and gen.stdout.startswith("ROMEO:")
+    assert gen.returncode == 0, gen.stderr
+    assert gen.stdout.startswith("ROMEO:"), gen.stdout
     bad = subprocess.run(cmd[:2] + ["--train.stepz=3"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "Did you mean 'steps'" in bad.stderr
     missing = subprocess.run(cmd + ["--resume", str(tmp_path / "missing.pt")], capture_output=True, text=True,
