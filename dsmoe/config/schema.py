@@ -166,6 +166,9 @@ class LogConfig:
     wandb: Literal["off", "on", "online", "offline", "disabled"] = doc(
         "off", "also log to Weights & Biases: on (its own mode choice), online, offline (no network) or off")
     wandb_project: str = doc("dsmoe", "W&B project; the run is named after run.dir")
+    mlflow: str = doc("off", "also log to MLflow: off, on (a file store in RUN_DIR/mlruns) or a tracking URI "
+                             "(sqlite:///mlflow.db, http://host:5000); pip install 'dsmoe[mlflow]'")
+    mlflow_experiment: str = doc("dsmoe", "MLflow experiment; the run is named after run.dir")
 
 
 @dataclass

@@ -41,6 +41,20 @@ def read_lineage(run_dir: Path) -> Optional[str]:
         raise RunDirError(f"{path} is unreadable ({e}); restore it or pick a new --run.dir") from None
 
 
+def read_run_file(run_dir: Path) -> dict:
+    """run.json's fields ({} when absent): lineage, created, started_from, trackers."""
+    path = Path(run_dir) / RUN_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def update_run_file(run_dir: Path, **fields) -> None:
+    """Add fields to run.json (e.g. trackers: the W&B / MLflow run ids a resume continues)."""
+    path = Path(run_dir) / RUN_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({**read_run_file(run_dir), **fields}, indent=2) + "\n")
+    tmp.replace(path)
+
+
 def holds_a_run(run_dir: Path) -> bool:
     run_dir = Path(run_dir)
     return (run_dir / RUN_FILE).exists() or bool(list_checkpoints(run_dir)) or \

@@ -17,7 +17,7 @@ from dsmoe.config import Config, ConfigError, dump_yaml
 from dsmoe.data import get_tokenizer, padded_vocab_size
 from dsmoe.metrics.logger import RunLogger, fmt_tokens
 from dsmoe.metrics.row import log_row
-from dsmoe.metrics.trackers import Trackers
+from dsmoe.metrics.trackers import Trackers, mlflow_setting
 from dsmoe.metrics.throughput import StepTimer, device_label, peak_tflops
 from dsmoe.model import Transformer, flops_per_token, param_breakdown, update_expert_bias
 from dsmoe.params import fmt_count
@@ -296,10 +296,7 @@ class Trainer:
         cfg, t, p = self.cfg, self.cfg.train, self.progress
         end = min(t.steps, t.stop_after) if t.stop_after is not None else t.steps
         log = self.log = RunLogger(self.run_dir, self.mesh.rank, t.steps, cfg.log.rich, start_step=p.step)
-        wandb = {"off": False, "on": True}.get(cfg.log.wandb, cfg.log.wandb)
-        self.trackers = Trackers(self.run_dir, tensorboard=cfg.log.tensorboard, wandb=wandb,
-                                 project=cfg.log.wandb_project, run_name=self.run_dir.name, config=cfg.to_dict(),
-                                 rank=self.mesh.rank)
+        self.trackers = self._open_trackers()
         if self.mesh.is_main:
             (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
         log.header(self.header())
@@ -343,6 +340,22 @@ class Trainer:
                   "seconds": time.perf_counter() - began, "tokens": (p.step - started) * self.tokens_per_step}
         self.log = RunLogger(None, self.mesh.rank, 0, "off")
         return result
+
+    def _open_trackers(self) -> Trackers:
+        """TensorBoard / W&B / MLflow on rank 0; a resume of this lineage continues the W&B and MLflow
+        runs it opened (their ids are kept in run.json)."""
+        cfg = self.cfg
+        stored = rundir.read_run_file(self.run_dir) if self.mesh.is_main else {}
+        resume_ids = stored.get("trackers") if stored.get("lineage") == self.lineage else None
+        trackers = Trackers(self.run_dir, tensorboard=cfg.log.tensorboard,
+                            wandb={"off": False, "on": True}.get(cfg.log.wandb, cfg.log.wandb),
+                            mlflow=mlflow_setting(cfg.log.mlflow),
+                            project=cfg.log.wandb_project, experiment=cfg.log.mlflow_experiment,
+                            run_name=self.run_dir.name, config=cfg.to_dict(), rank=self.mesh.rank,
+                            resume_ids=resume_ids)
+        if trackers.ids and trackers.ids != resume_ids:
+            rundir.update_run_file(self.run_dir, trackers={**(resume_ids or {}), **trackers.ids})
+        return trackers
 
     def _periodic(self, history: list, end: int) -> None:
         """Validation and samples at their intervals."""
