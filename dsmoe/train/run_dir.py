@@ -86,7 +86,9 @@ def claim(run_dir: Path, resume: Optional[Path], resume_lineage: Optional[str], 
                     f"  - replace it:             add --run.overwrite=true (its files move to "
                     f"{run_dir.name}.replaced-TIME, nothing is deleted)")
             if write:
-                move_aside(run_dir)
+                moved = move_aside(run_dir)
+                print(f"{run_dir} held another run (run {owner or 'unknown'}): moved to {moved} "
+                      f"(run.overwrite=true; nothing deleted)", flush=True)
         lineage = new_lineage()
         if write:
             write_run_file(run_dir, lineage, started_from=None)
