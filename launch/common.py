@@ -115,7 +115,10 @@ def set_cpu_threads(requested: int = 0) -> int:
 
 
 def resume_command(argv: list[str]) -> str:
-    """This launch again with --resume auto (torchrun's own flags as the usual single-node form)."""
+    """This launch again with --resume auto (torchrun's own flags as the usual single-node form), or
+    DSMOE_RESUME_COMMAND where a wrapper that takes no --resume set it (`make train` says `make resume`)."""
+    if os.environ.get("DSMOE_RESUME_COMMAND"):
+        return os.environ["DSMOE_RESUME_COMMAND"]
     rest, skip = [], False
     for a in argv:
         if skip:

@@ -1,11 +1,18 @@
 """What a run tells its user: the whole run's totals after a resume, a changed global batch, where
-run.overwrite moved the old run."""
+run.overwrite moved the old run, and `make train`'s stop and resume."""
 from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
-from cli import launch_common
-from conftest import small_config
+from cli import ENV, launch_common, rows, small_args
+from conftest import REPO, small_config
 from dsmoe.train.checkpoint import load_checkpoint
 from dsmoe.train.run_dir import read_lineage
 from dsmoe.train.trainer import Trainer
@@ -52,3 +59,32 @@ def test_overwrite_says_where_the_old_run_went(tmp_path, data_cache, capsys):
     out = capsys.readouterr().out
     assert f"{run_dir} held another run (run {old}): moved to {moved[0]}" in out
     assert list((moved[0] / "checkpoints").iterdir())
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
+def test_make_train_after_ctrl_c_points_to_make_resume(tmp_path, data_cache):
+    """Ctrl-C under `make train` (SIGINT to make's whole process group, once the first metrics row is
+    written): the run stops with a checkpoint and make ends with `make resume`, not `Error 75`; a
+    second `make train` is told to run `make resume`, which make can take."""
+    args = " ".join(small_args(tmp_path, data_cache, "--train.steps=100000"))
+    make = ["make", "-s", "-C", str(REPO), f"PY={sys.executable}", f"ARGS={args}"]
+    proc = subprocess.Popen([*make, "train"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not rows(tmp_path) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    hint = f"make resume ARGS='{args}'"
+    # GNU make, itself interrupted, re-raises SIGINT once its recipe is done: silently, the recipe succeeded
+    assert proc.returncode in (0, -signal.SIGINT), out
+    assert "make: ***" not in out and f"resume:   {hint}" in out
+    assert f"stopped with a checkpoint: {hint} continues the run" in out
+    again = subprocess.run([*make, "train"], capture_output=True, text=True, env=ENV, timeout=300)
+    assert again.returncode == 2 and f"continue it:            run {hint}" in again.stderr, again.stderr
+    planned = subprocess.run([*make, "-n", "resume"], capture_output=True, text=True, env=ENV, timeout=60)
+    assert f"launch/train.py --config configs/runs/tiny-shakespeare.yaml {args} --resume auto" in planned.stdout

@@ -9,6 +9,7 @@ it writes replaces a later checkpoint. Rank 0 decides; the others follow what it
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 import uuid
@@ -55,6 +56,12 @@ def update_run_file(run_dir: Path, **fields) -> None:
     tmp.replace(path)
 
 
+def resume_hint() -> str:
+    """How to continue a run: `add --resume auto`, or the command a wrapper set (`make resume`)."""
+    return f"run {os.environ['DSMOE_RESUME_COMMAND']}" if os.environ.get("DSMOE_RESUME_COMMAND") else \
+        "add --resume auto"
+
+
 def holds_a_run(run_dir: Path) -> bool:
     run_dir = Path(run_dir)
     return (run_dir / RUN_FILE).exists() or bool(list_checkpoints(run_dir)) or \
@@ -81,7 +88,7 @@ def claim(run_dir: Path, resume: Optional[Path], resume_lineage: Optional[str], 
                 raise RunDirError(
                     f"{run_dir} holds another run" + (f" (newest checkpoint {newest[-1].name})" if newest else "")
                     + ". Nothing was written. Either\n"
-                    f"  - continue it:            add --resume auto\n"
+                    f"  - continue it:            {resume_hint()}\n"
                     f"  - start a separate run:   pass a new --run.dir=DIR\n"
                     f"  - replace it:             add --run.overwrite=true (its files move to "
                     f"{run_dir.name}.replaced-TIME, nothing is deleted)")
