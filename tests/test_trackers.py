@@ -196,7 +196,7 @@ def test_mlflow_run_continues_across_a_resume(tmp_path, data_cache):
     assert losses == pytest.approx({r["step"]: r["loss"] for r in rows if "loss" in r})
     assert sorted(losses) == [1, 2, 3, 4]
     assert [m.step for m in client.get_metric_history(run_id, "val/val_loss")] == [2, 4]
-    assert runs[0].data.params["train.steps"] == "4" and runs[0].data.params["data.source"] == "shakespeare"
+    assert runs[0].data.params["train.steps"] == "4" and runs[0].data.params["log.mlflow"] == "on"
     assert [a.path for a in client.list_artifacts(run_id, "samples")] == ["samples/step_0000002.md",
                                                                           "samples/step_0000004.md"]
     assert runs[0].data.params["train.stop_after"] == "2"  # params keep the first part's values

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_ROOT = REPO_ROOT / "configs"
@@ -168,8 +168,9 @@ class LogConfig:
     wandb: Literal["off", "on", "online", "offline", "disabled"] = doc(
         "off", "also log to Weights & Biases: on (its own mode choice), online, offline (no network) or off")
     wandb_project: str = doc("dsmoe", "W&B project; the run is named after run.dir")
-    mlflow: str = doc("off", "also log to MLflow: off, on (a file store in RUN_DIR/mlruns) or a tracking URI "
-                             "(sqlite:///mlflow.db, http://host:5000); pip install 'dsmoe[mlflow]'")
+    mlflow: Union[Literal["off", "on"], str] = doc(
+        "off", "also log to MLflow: off, on (a file store in RUN_DIR/mlruns) or a tracking URI "
+               "(sqlite:///mlflow.db, http://host:5000); pip install 'dsmoe[mlflow]'")
     mlflow_experiment: str = doc("dsmoe", "MLflow experiment; the run is named after run.dir")
 
 

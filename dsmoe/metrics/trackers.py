@@ -202,12 +202,6 @@ def _wandb_run(run_dir: Path, project: str, run_name: str | None, config, mode: 
                       **resume)
 
 
-def mlflow_setting(value: str) -> str | None:
-    """log.mlflow -> None (off), "on" or a tracking URI; YAML reads on/off as booleans ("True"/"False")."""
-    word = {"true": "on", "false": "off"}.get(str(value).lower(), str(value))
-    return None if word == "off" else word
-
-
 def flat_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     """Nested config -> {"section.field": "value"} (MLflow params are flat strings)."""
     out = {}

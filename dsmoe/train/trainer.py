@@ -17,7 +17,7 @@ from dsmoe.config import Config, ConfigError, dump_yaml
 from dsmoe.data import get_tokenizer, padded_vocab_size
 from dsmoe.metrics.logger import RunLogger, fmt_tokens
 from dsmoe.metrics.row import log_row
-from dsmoe.metrics.trackers import Trackers, mlflow_setting
+from dsmoe.metrics.trackers import Trackers
 from dsmoe.metrics.throughput import StepTimer, device_label, peak_tflops
 from dsmoe.model import Transformer, flops_per_token, param_breakdown, update_expert_bias
 from dsmoe.params import fmt_count
@@ -371,7 +371,7 @@ class Trainer:
         resume_ids = stored.get("trackers") if stored.get("lineage") == self.lineage else None
         trackers = Trackers(self.run_dir, tensorboard=cfg.log.tensorboard,
                             wandb={"off": False, "on": True}.get(cfg.log.wandb, cfg.log.wandb),
-                            mlflow=mlflow_setting(cfg.log.mlflow),
+                            mlflow=None if cfg.log.mlflow == "off" else cfg.log.mlflow,
                             project=cfg.log.wandb_project, experiment=cfg.log.mlflow_experiment,
                             run_name=self.run_dir.name, config=cfg.to_dict(), rank=self.mesh.rank,
                             resume_ids=resume_ids)
