@@ -70,7 +70,5 @@ def test_params_command_runs_on_a_big_preset():
 
 def test_a_union_field_takes_words_and_uris():
     """log.mlflow is Literal["off", "on"] or a URI: YAML's on/off (booleans) stay words, a URI stays itself."""
-    from dsmoe.config import load_config
-
     for given, want in (("on", "on"), ("off", "off"), ("true", "on"), ("sqlite:///m.db", "sqlite:///m.db")):
         assert load_config(None, [f"--log.mlflow={given}"]).log.mlflow == want
