@@ -171,9 +171,10 @@ def test_wandb_resume_continues_the_stored_run(tmp_path, monkeypatch):
     assert fake.inits[1]["id"] == "run1" and fake.inits[1]["resume"] == "allow" and again.ids == {"wandb": "run1"}
 
 
-def test_mlflow_run_continues_across_a_resume(tmp_path, data_cache):
+def test_mlflow_run_continues_across_a_resume(tmp_path, data_cache, monkeypatch):
     """log.mlflow=on: a run stopped at step 2 and resumed to 4 is one MLflow run holding every row's
-    numbers at their steps (equal to metrics.jsonl's), the config as params and artifact, the samples."""
+    numbers at their steps (equal to metrics.jsonl's), the config as params and artifact, the samples;
+    the resume also continues its W&B run (log.wandb=offline, a recording stand-in for wandb)."""
     import json
 
     from mlflow.tracking import MlflowClient
@@ -182,12 +183,15 @@ def test_mlflow_run_continues_across_a_resume(tmp_path, data_cache):
     from dsmoe.train.run_dir import read_run_file
     from dsmoe.train.trainer import Trainer
 
-    args = ["--train.steps=4", "--log.mlflow=on", "--train.sample_every=2", "--train.sample_tokens=4",
-            "--train.eval_every=2", "--train.eval_batches=1"]
+    fake = _FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    args = ["--train.steps=4", "--log.mlflow=on", "--log.wandb=offline", "--train.sample_every=2",
+            "--train.sample_tokens=4", "--train.eval_every=2", "--train.eval_batches=1"]
     Trainer(small_config(tmp_path, data_cache, *args, "--train.stop_after=2")).fit()
     run_id = read_run_file(tmp_path)["trackers"]["mlflow"]
     Trainer(small_config(tmp_path, data_cache, *args), resume="auto").fit()
-    assert read_run_file(tmp_path)["trackers"] == {"mlflow": run_id}
+    assert read_run_file(tmp_path)["trackers"] == {"mlflow": run_id, "wandb": "run1"}
+    assert "id" not in fake.inits[0] and (fake.inits[1]["id"], fake.inits[1]["resume"]) == ("run1", "allow")
     client = MlflowClient(tracking_uri=(tmp_path / "mlruns").as_uri())
     runs = client.search_runs([client.get_experiment_by_name("dsmoe").experiment_id])
     assert [r.info.run_id for r in runs] == [run_id] and runs[0].info.status == "FINISHED"

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import json
 import numbers
+import os
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -220,8 +222,6 @@ class MlflowRun:
     resumed config is the `config.yaml` artifact (rewritten at each start)."""
 
     def __init__(self, run_dir: Path, uri: str, experiment: str, run_name: str | None, config, run_id: str | None):
-        import os
-
         try:
             from mlflow.entities import Param
             from mlflow.tracking import MlflowClient
@@ -249,8 +249,6 @@ class MlflowRun:
             self.log_text(_as_yaml(config), "config.yaml")
 
     def log_metrics(self, scalars: Mapping[str, float], step: int) -> None:
-        import time
-
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
