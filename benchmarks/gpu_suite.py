@@ -191,7 +191,7 @@ def md_train(parts: dict) -> list[str]:
     head = [f"{shape.get('tokens_per_step', '?')} tokens per step, {shape.get('steps', '?')} steps, medians of the "
             f"log intervals after the first; MFU against {shape.get('peak_tflops') or 'the measured CPU matmul peak'}"
             f"{' TFLOP/s' if shape.get('peak_tflops') else ''}", ""]
-    return head + _table(["mode", "precision", "tokens/s", "vs eager", "MFU", "step ms", "peak GiB", "final loss",
+    return head + _table(["mode", "precision", "tokens/s", "speed-up vs eager", "MFU", "step ms", "peak GiB", "final loss",
                           "note"], rows)
 
 

@@ -15,7 +15,10 @@ experts of 1536, top-2) and a fine-grained one (d 768, 64 routed + 1 shared expe
 Weights are N(0, 0.02) and the routing bias is zero, so routing is roughly balanced; the measured
 max/mean expert load is reported. With --dtype bf16 the step runs under torch.autocast. The three
 impls are timed round-robin (dense, loop, grouped, dense, ...) so a drifting host load hits them alike;
-with --quick on CPU the loop reference is timed once (it is the slow one there).
+with --quick on CPU the loop reference is timed once (it is the slow one there). A progress line per
+shape is printed (flushed) as it is measured. In the table, "time / dense" is the impl's median time
+over the dense FFN's (higher is slower; the routing overhead), "grouped speed-up vs loop" the loop's
+time over grouped's (higher is faster).
 
 Goals: routing overhead (MoE grouped / dense) <= 1.5 on CPU, <= 1.25 on GPU; grouped >= 3x loop on
 GPU. The table is printed with rich and the numbers go to
@@ -52,7 +55,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # `python benchmarks/moe_dispatch.py` without installing dsmoe
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.common import device_name, print_table, time_fn, write_results  # noqa: E402
+from benchmarks.common import device_name, print_table, progress, time_fn, write_results  # noqa: E402
 from dsmoe.config import load_config  # noqa: E402
 from dsmoe.model import moe as moe_mod  # noqa: E402
 from dsmoe.model.grouped_mm import GROUPED_MM  # noqa: E402
@@ -207,6 +210,7 @@ def bench_shape(name: str, shape: dict, args, device: torch.device) -> list[dict
 
     times = {impl: [] for impl in IMPLS}
     peak_mb = {impl: 0.0 for impl in IMPLS}
+    progress(f"{name}: {args.tokens} tokens, warmup {args.warmup}, then {args.iters} rounds of {', '.join(IMPLS)}")
     for impl in IMPLS:
         for _ in range(args.warmup):
             steps[impl]()
@@ -232,6 +236,8 @@ def bench_shape(name: str, shape: dict, args, device: torch.device) -> list[dict
             row["grouped_backend"] = "loop (grouped_mm not implemented)"  # it fell back to the loop mid-run
         row["ratio_vs_dense"] = row["median_ms"] / rows["dense"]["median_ms"]
     rows["grouped"]["speedup_vs_loop"] = rows["loop"]["median_ms"] / rows["grouped"]["median_ms"]
+    progress(f"{name}: " + ", ".join(f"{impl} {r['median_ms']:.1f} ms" for impl, r in rows.items())
+             + f" (median fwd+bwd; grouped time / dense {rows['grouped']['ratio_vs_dense']:.2f})")
     return list(rows.values())
 
 
@@ -266,7 +272,7 @@ def report(rows: list[dict], goal_rows: list[dict], args, device: torch.device) 
         f"MoE layer fwd+bwd, {args.tokens} tokens, {args.dtype}, {device_name(device)} "
         f"(warmup {args.warmup}, median of {args.iters}"
         + (f"; loop: {args.loop_iters}" if args.loop_iters != args.iters else "") + ")",
-        ["shape", "impl", "ms fwd+bwd (median)", "min ms", "tokens/s", "vs dense", "grouped vs loop",
+        ["shape", "impl", "ms fwd+bwd (median)", "min ms", "tokens/s", "time / dense (>1 = slower)", "grouped speed-up vs loop",
          "load max/mean"],
         table_rows)
     for gl in goal_rows:
@@ -410,7 +416,7 @@ def report_ep(rows: list[dict], goal_rows: list[dict], args, device: torch.devic
         f"Expert-parallel MoE, ep={world} ({'gloo' if device.type == 'cpu' else 'nccl'}), {args.dtype}, "
         f"{device_name(device)} (warmup {args.warmup}, median of {args.iters}; each call = slowest rank)",
         ["shape", "tokens/rank", "bytes/token", "MB a2a/rank", "off-rank", "bare a2a ms", "dispatch+combine ms",
-         "vs a2a", "tokens/s (d+c)", "layer fwd+bwd ms", "layer tokens/s"],
+         "time / bare a2a (>1 = slower)", "tokens/s (d+c)", "layer fwd+bwd ms", "layer tokens/s"],
         [[r["shape"], r["tokens_per_rank"], r["bytes_per_token"], f"{r['a2a_mb_per_rank']:.1f}",
           f"{r['off_rank_fraction']:.2f}", f"{r['a2a_ms']:.2f}", f"{r['dispatch_combine_ms']:.2f}",
           f"{r['dispatch_vs_a2a']:.2f}", f"{r['dispatch_tokens_per_s']:,.0f}", f"{r['layer_fwd_bwd_ms']:.1f}",
@@ -453,7 +459,14 @@ def run_distributed(args) -> dict:
     try:
         device = mesh.device
         torch.manual_seed(SEED)
-        rows = [bench_ep(name, SHAPES[name], tokens, args, mesh) for name in args.shapes for tokens in args.tokens]
+        rows = []
+        for name in args.shapes:
+            for tokens in args.tokens:
+                rows.append(bench_ep(name, SHAPES[name], tokens, args, mesh))
+                if mesh.is_main:
+                    r = rows[-1]
+                    progress(f"{name}, {tokens} tokens/rank: bare a2a {r['a2a_ms']:.2f} ms, dispatch+combine "
+                             f"{r['dispatch_combine_ms']:.2f} ms, layer fwd+bwd {r['layer_fwd_bwd_ms']:.1f} ms")
         goal_rows = ep_goals(rows, device.type)
         payload = {
             "device_type": device.type, "mode": "torchrun-expert-parallel", "backend": dist.get_backend(),

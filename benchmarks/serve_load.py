@@ -138,7 +138,7 @@ def main(argv=None) -> int:
         r["tokens_per_s_vs_single"] = r["tokens_per_s"] / single if single else None
     print_table(f"Serving on loopback: {args.requests} requests per client, {args.max_tokens} new tokens each, "
                 f"{device_name('cpu')}",
-                ["clients", "requests", "errors", "req/s", "p50 s", "p99 s", "tokens/s", "vs 1 client"],
+                ["clients", "requests", "errors", "req/s", "p50 s", "p99 s", "tokens/s", "tokens/s vs 1 client"],
                 [[r["clients"], r["requests"], r["errors"], f"{r['requests_per_s']:.2f}", f"{r['latency_p50_s']:.2f}",
                   f"{r['latency_p99_s']:.2f}", f"{r['tokens_per_s']:.1f}", f"{r['tokens_per_s_vs_single']:.2f}x"]
                  for r in rows])

@@ -193,7 +193,7 @@ def md_moe(res: dict) -> list[str]:
              _f(r.get("ratio_vs_dense"), ".2f")] for r in res["rows"]]
     head = [f"{res.get('tokens')} tokens, {res.get('dtype')}, fwd+bwd, median of {res.get('iters')} "
             f"(loop: {res.get('loop_iters')})", ""]
-    return head + _table(["shape", "impl", "tokens", "ms", "tokens/s", "vs dense"], rows) + _goals(res)
+    return head + _table(["shape", "impl", "tokens", "ms", "tokens/s", "time / dense (>1 = slower)"], rows) + _goals(res)
 
 
 def md_ep(res: dict) -> list[str]:
@@ -201,8 +201,8 @@ def md_ep(res: dict) -> list[str]:
              _f(r["dispatch_vs_a2a"], ".2f"), _f(r.get("a2a_gb_per_s_per_rank"), ".2f"),
              _f(r.get("layer_fwd_bwd_ms"), ",.1f")] for r in res["rows"]]
     head = [f"world {res.get('world_size')}, ep {res.get('ep')}, {res.get('backend')}, {res.get('dtype')}", ""]
-    return head + _table(["shape", "tokens/rank", "bare a2a ms", "dispatch+combine ms", "ratio", "a2a GB/s/rank",
-                          "layer fwd+bwd ms"], rows) + _goals(res)
+    return head + _table(["shape", "tokens/rank", "bare a2a ms", "dispatch+combine ms", "time / bare a2a (>1 = slower)",
+                          "a2a GB/s/rank", "layer fwd+bwd ms"], rows) + _goals(res)
 
 
 def md_loader(res: dict) -> list[str]:
@@ -235,8 +235,8 @@ def md_train(res: dict) -> list[str]:
     head = [f"tiny preset, global batch {res['micro_batch_b'] * 2} x 128, {res['steps']} steps "
             f"(median after {res['skip']}); phase ms from rank 0; persistent = params + grads + AdamW per rank; "
             f"CPU MFU = achieved FLOP/s over the measured fp32 matmul peak at the layout's threads", ""]
-    return head + _table(["layout", "world", "ep", "tokens/s", "vs single", "CPU MFU", "data ms", "fwd ms", "bwd ms", "opt ms",
-                          "persistent MiB/rank"], rows)
+    return head + _table(["layout", "world", "ep", "tokens/s", "speed-up vs single", "CPU MFU", "data ms", "fwd ms",
+                          "bwd ms", "opt ms", "persistent MiB/rank"], rows)
 
 
 def md_peer(res: dict) -> list[str]:
@@ -299,7 +299,7 @@ def md_generate(res: dict) -> list[str]:
             ["KV cache, ragged batch", b["rows"], _f(b["prefill_s"], ".2f"), _f(b["decode_tokens_per_s"]), "-"]]
     caches = [[x["preset"], x["attention"], _f(x["measured_bytes"], ".0f"), x["formula_bytes"], x["full_kv_bytes"],
                _f(x["compression"], ".2f")] for x in res["cache_bytes"] if x["dtype"] == "bfloat16"]
-    return (head + _table(["method", "rows", "prefill s", "decode tokens/s", "vs recompute"], rows)
+    return (head + _table(["method", "rows", "prefill s", "decode tokens/s", "speed-up vs recompute"], rows)
             + ["", "cache bytes per token per layer, bf16:", ""]
             + _table(["preset", "attention", "measured", "formula", "per-head K/V", "smaller by"], caches) + _goals(res))
 
@@ -310,7 +310,7 @@ def md_serve(res: dict) -> list[str]:
             for r in res["rows"]]
     head = [f"{res.get('checkpoint')}, {res.get('requests_per_client')} requests per client, "
             f"{res.get('max_tokens')} new tokens each", ""]
-    return head + _table(["clients", "requests", "errors", "req/s", "p50 s", "p99 s", "tokens/s", "vs 1 client"],
+    return head + _table(["clients", "requests", "errors", "req/s", "p50 s", "p99 s", "tokens/s", "tokens/s vs 1 client"],
                          rows) + _goals(res)
 
 

@@ -175,7 +175,7 @@ def main(argv=None) -> int:
                       fmt(r["optimizer_ms"]), fmt(r["persistent_bytes"] / MiB, ".2f")])
     print_table(f"Training throughput, tiny preset, CPU ({device_name('cpu')}), {args.steps} steps, "
                 f"median after {args.skip} warm-up",
-                ["layout", "world", "ep", "batch", "tokens/s", "vs single", "CPU MFU", "step ms", "data ms", "fwd ms",
+                ["layout", "world", "ep", "batch", "tokens/s", "speed-up vs single", "CPU MFU", "step ms", "data ms", "fwd ms",
                  "bwd ms", "opt ms", "persist MiB/rank"], table,
                 caption="phase ms: rank 0; persistent = fp32 params + grads + AdamW moments per rank (estimate_memory); "
                         f"CPU MFU against the measured fp32 matmul peak: {peaks['default_threads'] * 1e3:.1f} GFLOP/s "

@@ -11,9 +11,9 @@ Prints parameters, gradients, AdamW state, autocast weight copies, activations w
 activation checkpointing, the chunked loss's workspace, and the peak for the config's
 checkpointing policy; then whether it fits the GPU with 10% headroom (CUDA context, allocator
 fragmentation) and, when it does not, the changes that would make it fit. The GPU's memory comes
-from --gpu-mem-gb or from the hardware profile's name (GPU_MEMORY_MIB). Exit status: 0 fits,
-1 does not fit (or no budget known), 2 config error. How each number is derived:
-dsmoe/tools/memory.py.
+from --gpu-mem-gb, the config's `train.gpu` or the hardware profile's name (GPU_MEMORY_MIB); with none
+of them the verdict is "fits: unknown". Exit status: 0 fits (or unknown: the report printed), 1 does
+not fit, 2 config error. How each number is derived: dsmoe/tools/memory.py.
 
 --simulate rehearses one training step of the config as rank 0 of `--world` ranks on this CPU, with
 fake tensors and a fake process group (dsmoe/tools/simulate.py, a minute or two for a 5.7B model),
@@ -34,7 +34,7 @@ from dsmoe.config import Config, ConfigError, load_config
 from dsmoe.tools.memory import GiB, estimate_memory
 
 __all__ = ["estimate_memory", "format_estimate", "verdict", "suggest",
-           "memory_budget", "GPU_MEMORY_MIB", "PROFILES", "main"]
+           "memory_budget", "gpu_of", "GPU_MEMORY_MIB", "PROFILES", "main"]
 
 HEADROOM = 0.10  # kept free for the CUDA context, NCCL buffers and allocator fragmentation
 # total memory as nvidia-smi reports it (MiB); "cpu" is the host's RAM, read at run time
@@ -54,6 +54,22 @@ def profile_of(path: str | Path) -> Optional[str]:
     name = raw.get("hardware") if isinstance(raw, dict) else None
     name = Path(str(name)).stem if name else path.stem
     return name if name in PROFILES else None
+
+
+def gpu_of(cfg: Config, config_path: str | Path | None) -> tuple[Optional[str], int]:
+    """(the GPU_MEMORY_MIB key or "cpu" the config is written for, or None; the GPUs its profile
+    launches, 1 without one): `train.gpu` first, else the hardware profile's.
+
+    Raises:
+        ConfigError: train.gpu names no known GPU."""
+    profile = profile_of(config_path) if config_path else None
+    gpu, world = PROFILES.get(profile, (None, 1))
+    if cfg.train.gpu is not None:
+        if cfg.train.gpu not in GPU_MEMORY_MIB:
+            raise ConfigError(f"train.gpu={cfg.train.gpu!r} is not a known GPU: one of {', '.join(GPU_MEMORY_MIB)} "
+                              f"(or leave it null and pass --gpu-mem-gb G to python -m dsmoe.estimate)")
+        gpu = cfg.train.gpu
+    return gpu, world
 
 
 def memory_budget(gpu: Optional[str] = None, gpu_mem_gb: Optional[float] = None) -> Optional[tuple[float, str]]:
@@ -170,9 +186,12 @@ def format_estimate(est: dict, title: str = "", budget: Optional[tuple[float, st
     return table
 
 
-def verdict(est: dict, budget: Optional[tuple[float, str]]) -> tuple[bool, str]:
+def verdict(est: dict, budget: Optional[tuple[float, str]]) -> tuple[Optional[bool], str]:
+    """(True fits / False does not / None unknown, the line that says so)."""
     if budget is None:
-        return False, "no GPU memory known for this config: pass --gpu-mem-gb G (or use a configs/hardware profile)"
+        return None, ("fits: unknown: no GPU memory known for this config: set train.gpu (one of "
+                      f"{', '.join(GPU_MEMORY_MIB)}) in the run file, name a configs/hardware profile, or pass "
+                      "--gpu-mem-gb G to python -m dsmoe.estimate")
     usable, what = budget
     if est["total"] <= usable:
         return True, f"fits: {gib(est['total'])} of {gib(usable)} usable on {what} ({est['total'] / usable:.0%})"
@@ -233,11 +252,10 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     try:
         cfg = load_config(args.config, rest)
+        gpu, default_world = gpu_of(cfg, args.config)
     except ConfigError as e:
         console.print(f"[red]config error:[/red] {e}")
         return 2
-    profile = profile_of(args.config)
-    gpu, default_world = PROFILES.get(profile, (None, 1))
     ep = args.ep or cfg.parallel.ep
     world = args.world or max(default_world, ep)
     device = args.device or ("cpu" if cfg.train.device == "cpu" or gpu == "cpu" else "cuda")
@@ -265,13 +283,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         console.print(format_estimate(est, title, budget))
     ok, text = verdict(est, budget)
-    console.print(f"[{'green' if ok else 'red'}]{text}[/]")
-    if budget is not None and not ok:
+    console.print(f"[{ {True: 'green', False: 'red', None: 'yellow'}[ok] }]{text}[/]")
+    if ok is False:
         fixes = suggest(cfg, world, ep, device, budget[0])
         console.print("suggestions:" if fixes else "no single change found that fits; use more GPUs or a smaller model")
         for fix in fixes:
             console.print(f"  - {fix}", markup=False)
-    return 0 if ok else 1
+    return 1 if ok is False else 0
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@
 
 The batches are the trainer's validation batches (`dsmoe.data.val_batches` over the prepared split of the
 checkpoint's data config, with its train.seq_len, train.micro_batch and train.eval_batches, or --batches),
-run in the checkpoint's precision: the loss is the `val_loss` training logged for the same weights. The
+run in the checkpoint's precision: the loss is the `val_loss` training logged for the same weights (an
+imported checkpoint that dsmoe exported keeps its run's settings, so it evaluates the same windows).
+`--ckpt auto` names the checkpoint it chose. The
 expert load is the routed assignments per expert of each MoE layer over those tokens (before any capacity
 drop), as a share of the layer's assignments, with max/mean (1.0 = perfectly balanced).
 """
@@ -82,6 +84,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     args = p.parse_args(argv)
     try:
+        if args.ckpt == "auto":
+            from dsmoe.infer.load import resolve_checkpoint
+
+            args.ckpt = str(resolve_checkpoint("auto", args.run_dir))
+            print(f"checkpoint: {args.ckpt} (the newest in {args.run_dir})", file=sys.stderr)
         result = evaluate_checkpoint(args.ckpt, args.run_dir, args.batches, args.device)
     except (CheckpointError, ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

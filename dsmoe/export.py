@@ -10,6 +10,10 @@ and `AutoTokenizer.from_pretrained(DIR)` load them with no remote code. The arch
 one that computes exactly what dsmoe computes (table in dsmoe/interop/hf_config.py), or the export is
 refused with the config field that blocks it.
 
+An exported checkpoint also carries its run's `train` and `data` sections in dsmoe_run.yaml (transformers
+ignores it): importing that directory restores them, so `python -m dsmoe.eval` evaluates the imported
+weights on the same windows as the original and gets the same number.
+
 Import writes a weights-only dsmoe checkpoint (`weights_only: True`: the model tensors, the config, the
 tokenizer, no optimizer or progress): generation, `python -m dsmoe.eval` and export read it like any
 checkpoint, and training starts from its weights with a fresh optimizer and schedule.
@@ -23,8 +27,9 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
+import yaml
 
-from dsmoe.config import ConfigError, TrainConfig
+from dsmoe.config import ConfigError, TrainConfig, from_dict
 from dsmoe.data import get_tokenizer
 from dsmoe.interop.hf_config import ExportError, check_exportable, config_from_hf, hf_config_dict
 from dsmoe.interop.hf_weights import load_hf_weights, save_safetensors, to_hf
@@ -34,6 +39,7 @@ from dsmoe.train.checkpoint import CheckpointError, save_checkpoint
 from dsmoe.train.precision import DTYPES
 
 HF_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+RUN_SECTIONS_FILE = "dsmoe_run.yaml"  # the exported run's train and data sections (its evaluation protocol)
 
 
 def export_model(model: Transformer, tokenizer_name: str, out_dir: str | Path, *,
@@ -76,7 +82,11 @@ def export_checkpoint(ckpt: str, run_dir: str, out_dir: str | Path, **kw) -> dic
     from dsmoe.train.generate import load_model
 
     model, tok, cfg = load_model(ckpt, run_dir, device="cpu")
-    return export_model(model, tok.name, out_dir, sampling=cfg.train, **kw)
+    done = export_model(model, tok.name, out_dir, sampling=cfg.train, **kw)
+    tree = cfg.to_dict()
+    (Path(out_dir) / RUN_SECTIONS_FILE).write_text(yaml.safe_dump({k: tree[k] for k in ("train", "data")},
+                                                                   sort_keys=False))
+    return {**done, "files": sorted(done["files"] + [RUN_SECTIONS_FILE])}
 
 
 def import_hf(hf_dir: str | Path, out_path: str | Path, tokenizer: Optional[str] = None) -> Path:
@@ -94,6 +104,12 @@ def import_hf(hf_dir: str | Path, out_path: str | Path, tokenizer: Optional[str]
                           f"and tiktoken:cl100k_base: pass --tokenizer NAME (the tokenizer the weights were trained with)")
     vocab = get_tokenizer(tokenizer).vocab_size
     cfg = config_from_hf(hf_dir, tokenizer, name=Path(hf_dir).resolve().name)
+    run_file = Path(hf_dir) / RUN_SECTIONS_FILE
+    if run_file.is_file():  # exported by dsmoe: its run's data and evaluation settings
+        run = yaml.safe_load(run_file.read_text()) or {}
+        tree = cfg.to_dict()
+        cfg = from_dict({**tree, "train": run.get("train", tree["train"]),
+                         "data": {**run.get("data", {}), "tokenizer": tokenizer}})
     if cfg.model.vocab_size < vocab:
         raise ExportError(f"vocab_size={cfg.model.vocab_size} in {hf_dir}/config.json is smaller than tokenizer "
                           f"{tokenizer}'s {vocab} ids: pass the --tokenizer the model was trained with")

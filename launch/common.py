@@ -115,7 +115,10 @@ def set_cpu_threads(requested: int = 0) -> int:
 
 
 def resume_command(argv: list[str]) -> str:
-    """This launch again with --resume auto (torchrun's own flags as the usual single-node form)."""
+    """This launch again with --resume auto (torchrun's own flags as the usual single-node form), or
+    DSMOE_RESUME_COMMAND where a wrapper that takes no --resume set it (`make train` says `make resume`)."""
+    if os.environ.get("DSMOE_RESUME_COMMAND"):
+        return os.environ["DSMOE_RESUME_COMMAND"]
     rest, skip = [], False
     for a in argv:
         if skip:
@@ -142,10 +145,14 @@ def summary(trainer, result: dict, argv: list[str]) -> list[str]:
     train = [r["loss"] for r in rows if "loss" in r]
     val = [r["val_loss"] for r in rows if "val_loss" in r]
     seconds = result["seconds"]
-    lines = [f"{'stopped' if result['stopped'] else 'done'} at step {result['step']}: {seconds:.0f} s, "
+    part = "this part (from step {}): ".format(result["resumed_at"]) if result.get("resumed_at") else ""
+    lines = [f"{'stopped' if result['stopped'] else 'done'} at step {result['step']}: {part}{seconds:.0f} s, "
              f"{fmt_tokens(result['tokens'])} tokens, {fmt_tokens(result['tokens'] / max(seconds, 1e-9))} tokens/s"
              + (f", final train loss {train[-1]:.4f}" if train else "")
              + (f", best validation loss {min(val):.4f}" if val else "")]
+    if part:  # a resumed run: the whole run's totals too
+        lines.append(f"whole run (steps 0-{result['step']}): {result['run_seconds']:.0f} s, "
+                     f"{fmt_tokens(result['run_tokens'])} tokens")
     ckpt = result["checkpoint"]
     lines.append(f"latest checkpoint: {ckpt}" if ckpt else "no checkpoint written (checkpoint.save_final is off)")
     run_dir = trainer.run_dir

@@ -8,6 +8,11 @@
 
 `--ckpt auto` takes the newest checkpoint in --run-dir and says which. Several --prompt flags are
 completed together in one batch. Output streams as it is generated (one prompt, or interactive).
+
+Seeds (dsmoe/infer/seeds.py): the base seed is --seed, else a random one (printed, so a run can be
+repeated); the i-th prompt of the command or of the interactive session samples from a seed derived
+from the base and i. So several prompts, or the same prompt typed twice, get their own continuations,
+and the same --seed with the same prompts repeats them.
 """
 import argparse
 import dataclasses
@@ -18,10 +23,12 @@ import common  # noqa: F401  (puts the checkout on sys.path)
 
 from dsmoe.infer import SamplingParams, generate
 from dsmoe.infer.load import load_model, resolve_checkpoint
+from dsmoe.infer.seeds import base_seed, prompt_seed
 from dsmoe.train.checkpoint import CheckpointError
 
 HELP = """commands:
-  /set NAME VALUE   change a setting (max_new_tokens temperature top_k top_p repetition_penalty seed stop)
+  /set NAME VALUE   change a setting (max_new_tokens temperature top_k top_p repetition_penalty seed stop);
+                    /set seed N restarts the session's seeds from N, /set seed none from a random one
   /show             the current settings
   /quit             leave (or Ctrl-D); Ctrl-C stops a generation
 anything else is a prompt ("\\n" in it is a newline)"""
@@ -39,7 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass; 1 = off")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats; 1 = off")
     p.add_argument("--stop", action="append", default=[], help="end the output before this string (repeatable)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (the same seed gives the same output)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="base seed: the same seed and prompts give the same outputs (default: random, printed)")
     p.add_argument("--device", default="auto")
     return p.parse_args(argv)
 
@@ -63,6 +71,26 @@ def set_field(params: SamplingParams, name: str, value: str) -> SamplingParams:
     return dataclasses.replace(params, **{name: parsed})
 
 
+def seeded(params: SamplingParams, base: int, index: int) -> SamplingParams:
+    """The settings of prompt `index` under base seed `base`."""
+    return dataclasses.replace(params, seed=prompt_seed(base, index))
+
+
+def show(params: SamplingParams, base: int) -> str:
+    """`/show`: one setting per line, as /set takes them."""
+    lines = []
+    for f in dataclasses.fields(SamplingParams):
+        value = getattr(params, f.name)
+        if f.name == "ignore_eos":
+            continue
+        if f.name == "seed":
+            value = f"{base} ({'set' if value is not None else 'random'}; each prompt draws from its own seed under it)"
+        elif f.name == "stop":
+            value = " ".join(repr(s) for s in value) or "(none)"
+        lines.append(f"  {f.name:<19}{value}")
+    return "\n".join(lines)
+
+
 def stream(model, tok, prompt: str, params: SamplingParams) -> None:
     print(prompt, end="", flush=True)
     t0 = time.perf_counter()
@@ -73,7 +101,9 @@ def stream(model, tok, prompt: str, params: SamplingParams) -> None:
 
 
 def interactive(model, tok, params: SamplingParams) -> None:
+    """The prompt loop; `params.seed` is the session's base seed (None: random)."""
     print(HELP, file=sys.stderr)
+    base, count = base_seed(params.seed), 0
     while True:
         try:
             line = input("prompt> ")
@@ -87,22 +117,31 @@ def interactive(model, tok, params: SamplingParams) -> None:
             try:
                 if parts[:1] == ["set"] and len(parts) >= 2:
                     params = set_field(params, parts[1], parts[2] if len(parts) == 3 else "")
+                    if parts[1] == "seed":
+                        base, count = base_seed(params.seed), 0
                 elif parts[:1] != ["show"]:
                     print(HELP, file=sys.stderr)
                     continue
             except ValueError as e:
                 print(f"error: {e}", file=sys.stderr)
                 continue
-            print(params, file=sys.stderr)
+            print(show(params, base), file=sys.stderr)
             continue
         if not line.strip():
             continue
         try:
-            stream(model, tok, unescape(line), params)
+            stream(model, tok, unescape(line), seeded(params, base, count))
         except KeyboardInterrupt:
             print("\n[stopped]", file=sys.stderr)
         except ValueError as e:  # a prompt too long for the context
             print(f"error: {e}", file=sys.stderr)
+        count += 1
+
+
+def complete(model, tok, prompts: list[str], params: SamplingParams, base: int) -> list[str]:
+    """Every prompt's continuation, completed together; prompt i draws from prompt_seed(base, i)."""
+    seqs = generate(model, prompts, [seeded(params, base, i) for i in range(len(prompts))], tok)
+    return [seq.text for seq in seqs]
 
 
 def main(argv=None) -> int:
@@ -119,11 +158,14 @@ def main(argv=None) -> int:
             interactive(model, tok, params)
             return 0
         prompts = [unescape(p) for p in args.prompt or ["ROMEO:"]]
+        base = base_seed(args.seed)
+        if args.seed is None:
+            print(f"seed: {base} (random; --seed {base} repeats these outputs)", file=sys.stderr)
         if len(prompts) == 1:
-            stream(model, tok, prompts[0], params)
+            stream(model, tok, prompts[0], seeded(params, base, 0))
             return 0
-        for prompt, seq in zip(prompts, generate(model, prompts, params, tok)):
-            print(prompt + seq.text + "\n")
+        for prompt, text in zip(prompts, complete(model, tok, prompts, params, base)):
+            print(prompt + text + "\n")
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -66,3 +66,9 @@ def test_params_command_runs_on_a_big_preset():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "5,708,990,464" in out.stdout and "moe_routed" in out.stdout
+
+
+def test_a_union_field_takes_words_and_uris():
+    """log.mlflow is Literal["off", "on"] or a URI: YAML's on/off (booleans) stay words, a URI stays itself."""
+    for given, want in (("on", "on"), ("off", "off"), ("true", "on"), ("sqlite:///m.db", "sqlite:///m.db")):
+        assert load_config(None, [f"--log.mlflow={given}"]).log.mlflow == want

@@ -139,6 +139,57 @@ def test_a_config_that_cannot_fit_gets_a_verdict_and_fixes(capsys, monkeypatch):
     assert rc == 1 and "does not fit" in out and "--parallel.ep" in out and "launch/train_fsdp.py" in out
 
 
+def test_a_run_file_written_for_h100s_knows_its_gpu(capsys, monkeypatch):
+    """The README's `python -m dsmoe.estimate configs/runs/v3-mini-h100-fsdp.yaml` (without --simulate):
+    train.gpu in the run file gives the budget; a printed report exits 0."""
+    monkeypatch.setenv("COLUMNS", "200")
+    assert main(["configs/runs/v3-mini-h100-fsdp.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert "fits: " in out and "usable on h100" in out and "world 8, ep 8" in out
+
+
+def test_no_known_gpu_memory_is_fits_unknown_not_a_failure(capsys):
+    assert main([str(MODELS / "tiny.yaml"), "--train.device=cuda"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "fits: unknown" in out and "set train.gpu" in out and "--gpu-mem-gb G to python -m dsmoe.estimate" in out
+    assert main([str(MODELS / "tiny.yaml"), "--train.gpu=a100"]) == 2
+    out = " ".join(capsys.readouterr().out.split())
+    assert "train.gpu='a100' is not a known GPU: one of rtx4060, t4, h100" in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="plans what runs on a CPU-only machine")
+def test_dry_run_on_a_cpu_machine_plans_the_cpu_run(tmp_path):
+    """`python launch/train.py --dry-run`: the device and precision the run will really use here (CPU
+    fp32, not CUDA autocast), the data, the schedule and the run directory."""
+    out = subprocess.run([sys.executable, "launch/train.py", "--dry-run", f"--run.dir={tmp_path}"], cwd=REPO,
+                         capture_output=True, text=True, env={**os.environ, "COLUMNS": "250"}, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    text = out.stdout
+    assert "device      cpu (train.device=auto: no CUDA device here)" in text
+    assert "precision   auto -> fp32" in text and "tiny: cpu, fp32, world 1" in text and "bf16/fp16 autocast" not in text
+    assert "data        shakespeare (byte tokenizer" in text
+    assert "schedule    300 steps (614.4k tokens), cosine from peak lr 0.003 after 30 warmup steps" in text
+    assert f"run dir     {tmp_path} (new)" in text and "fits: " in text
+
+
+def test_dry_run_suggests_only_flags_train_accepts(capsys, monkeypatch):
+    """A plan that does not fit suggests fixes as flags launch/train.py takes (config overrides)."""
+    from dsmoe.train import plan
+
+    monkeypatch.setenv("COLUMNS", "250")
+    monkeypatch.setattr(plan, "memory_budget", lambda gpu: (0.4 * GiB, "a small test budget"))
+    cfg = load_config(MODELS / "tiny.yaml", ["--train.device=cpu", "--train.micro_batch=64", "--train.seq_len=256"])
+    assert plan.print_plan(cfg, world=1) is False
+    out = capsys.readouterr().out
+    hints = [line for line in out.splitlines() if line.startswith("  - ")]
+    assert hints, out
+    for hint in hints:
+        flags = re.findall(r"--[a-z_]+\.[a-z_]+(?:=\S+| \d+)", hint)
+        assert flags, hint
+        load_config(MODELS / "tiny.yaml", [f.rstrip(")") for flag in flags for f in flag.split(" ")])
+    assert "--gpu-mem-gb" not in out.replace("--gpu-mem-gb G to python -m dsmoe.estimate", "")
+
+
 @pytest.mark.parametrize("name", sorted(PROFILES))
 def test_hardware_profiles_load_fit_and_state_their_estimate(name):
     path = HARDWARE / f"{name}.yaml"

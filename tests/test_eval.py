@@ -67,3 +67,20 @@ def test_eval_errors_are_clear(tmp_path, trained_run, capsys):
     run, _ = trained_run
     assert main(["--ckpt", "auto", "--run-dir", str(run), "--batches", "0"]) == 2
     assert "n_batches must be positive" in capsys.readouterr().err
+
+
+def test_auto_names_its_checkpoint_and_an_imported_export_evaluates_the_same(trained_run, tmp_path, capsys):
+    """`--ckpt auto` says which checkpoint it took; exported then imported, the same weights evaluate
+    the same windows and give the same number."""
+    from dsmoe.export import export_checkpoint, import_hf
+    from dsmoe.train.checkpoint import latest_checkpoint
+
+    run, _ = trained_run
+    assert main(["--ckpt", "auto", "--run-dir", str(run), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert f"checkpoint: {latest_checkpoint(run)} (the newest in {run})" in captured.err
+    native = json.loads(captured.out)
+    export_checkpoint("auto", str(run), tmp_path / "hf")
+    imported = evaluate_checkpoint(str(import_hf(tmp_path / "hf", tmp_path / "imported.pt")), device="cpu")
+    assert imported["tokens"] == native["tokens"] == 3 * 4 * 32 and imported["batches"] == native["batches"]
+    assert imported["val_loss"] == pytest.approx(native["val_loss"], abs=1e-6)

@@ -1,7 +1,8 @@
-"""TensorBoard and W&B trackers: what a run's metrics rows and samples become, read back."""
+"""TensorBoard, W&B and MLflow trackers: what a run's metrics rows and samples become, read back."""
 
 import sys
 import types
+from pathlib import Path
 
 import pytest
 
@@ -68,6 +69,7 @@ class _FakeWandb(types.ModuleType):
 
     def init(self, **kwargs):
         self.inits.append(kwargs)
+        self.id = kwargs.get("id", f"run{len(self.inits)}")
         return self
 
     def log(self, data, step):
@@ -124,13 +126,16 @@ def test_wandb_offline_run(tmp_path, monkeypatch):
 
 def test_off_ranks_and_errors(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb fails
-    quiet = Trackers(tmp_path, tensorboard=True, wandb=True, rank=1)
+    monkeypatch.setitem(sys.modules, "mlflow", None)
+    quiet = Trackers(tmp_path, tensorboard=True, wandb=True, mlflow="on", rank=1)
     assert not quiet.enabled
     quiet.log_row(ROWS[0])
     quiet.close()
     assert not (tmp_path / "tensorboard").exists()
     with pytest.raises(ImportError, match=r"pip install 'dsmoe\[wandb\]'"):
         Trackers(tmp_path, wandb=True)
+    with pytest.raises(ImportError, match=r"pip install 'dsmoe\[mlflow\]'"):
+        Trackers(tmp_path, mlflow="on")
     with pytest.raises(ValueError, match="log.wandb must be"):
         Trackers(tmp_path, wandb="sometimes")
 
@@ -154,3 +159,50 @@ def test_a_training_run_writes_its_rows_to_tensorboard(tmp_path, data_cache):
     assert logged == pytest.approx({r["step"]: r["loss"] for r in rows if "loss" in r})
     assert [e.step for e in events.Scalars("val/val_loss")] == [2]
     assert any("samples" in tag for tag in events.Tags()["tensors"])
+
+
+def test_wandb_resume_continues_the_stored_run(tmp_path, monkeypatch):
+    fake = _FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    first = Trackers(tmp_path, wandb="offline", run_name="r")
+    assert first.ids == {"wandb": "run1"} and "id" not in fake.inits[0]
+    first.close()
+    again = Trackers(tmp_path, wandb="offline", run_name="r", resume_ids=first.ids)
+    assert fake.inits[1]["id"] == "run1" and fake.inits[1]["resume"] == "allow" and again.ids == {"wandb": "run1"}
+
+
+def test_mlflow_run_continues_across_a_resume(tmp_path, data_cache, monkeypatch):
+    """log.mlflow=on: a run stopped at step 2 and resumed to 4 is one MLflow run holding every row's
+    numbers at their steps (equal to metrics.jsonl's), the config as params and artifact, the samples;
+    the resume also continues its W&B run (log.wandb=offline, a recording stand-in for wandb)."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from conftest import small_config
+    from dsmoe.train.run_dir import read_run_file
+    from dsmoe.train.trainer import Trainer
+
+    fake = _FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    args = ["--train.steps=4", "--log.mlflow=on", "--log.wandb=offline", "--train.sample_every=2",
+            "--train.sample_tokens=4", "--train.eval_every=2", "--train.eval_batches=1"]
+    Trainer(small_config(tmp_path, data_cache, *args, "--train.stop_after=2")).fit()
+    run_id = read_run_file(tmp_path)["trackers"]["mlflow"]
+    Trainer(small_config(tmp_path, data_cache, *args), resume="auto").fit()
+    assert read_run_file(tmp_path)["trackers"] == {"mlflow": run_id, "wandb": "run1"}
+    assert "id" not in fake.inits[0] and (fake.inits[1]["id"], fake.inits[1]["resume"]) == ("run1", "allow")
+    client = MlflowClient(tracking_uri=(tmp_path / "mlruns").as_uri())
+    runs = client.search_runs([client.get_experiment_by_name("dsmoe").experiment_id])
+    assert [r.info.run_id for r in runs] == [run_id] and runs[0].info.status == "FINISHED"
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = {m.step: m.value for m in client.get_metric_history(run_id, "train/loss")}
+    assert losses == pytest.approx({r["step"]: r["loss"] for r in rows if "loss" in r})
+    assert sorted(losses) == [1, 2, 3, 4]
+    assert [m.step for m in client.get_metric_history(run_id, "val/val_loss")] == [2, 4]
+    assert runs[0].data.params["train.steps"] == "4" and runs[0].data.params["log.mlflow"] == "on"
+    assert [a.path for a in client.list_artifacts(run_id, "samples")] == ["samples/step_0000002.md",
+                                                                          "samples/step_0000004.md"]
+    assert runs[0].data.params["train.stop_after"] == "2"  # params keep the first part's values
+    config = Path(client.download_artifacts(run_id, "config.yaml", str(tmp_path))).read_text()
+    assert "stop_after: null" in config  # the artifact is the resumed part's config

@@ -39,7 +39,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             if type(None) in args:
                 return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], where)
+        for a in inner[:-1]:  # the first type that takes the value (Literal["off", "on"] before str)
+            try:
+                return _coerce(value, a, where)
+            except ConfigError:
+                pass
+        return _coerce(value, inner[-1], where)
     if origin is Literal:
         if isinstance(value, bool) and ("on" if value else "off") in args:  # YAML reads `off` as false
             value = "on" if value else "off"

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_ROOT = REPO_ROOT / "configs"
@@ -90,6 +90,8 @@ class TrainConfig:
     grad_clip: float = doc(1.0, "global gradient-norm clip (0 = off)")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = doc("auto", "auto: bf16 on sm_80+, fp16+GradScaler on T4, fp32 on CPU")
     device: str = doc("auto", "auto, cpu, cuda or cuda:N")
+    gpu: Optional[str] = doc(None, "the GPU the run is written for (rtx4060, t4, h100): the memory dsmoe.estimate "
+                                   "and --dry-run check against; null = the hardware profile's")
     seed: int = doc(1337, "seed for init, data order and sampling")
     compile: bool = doc(False, "torch.compile each transformer block (regional compilation)")
     fp8: bool = doc(False, "FP8 training (torchao float8) of the dense linears; CUDA sm_89+ with torchao only")
@@ -166,6 +168,10 @@ class LogConfig:
     wandb: Literal["off", "on", "online", "offline", "disabled"] = doc(
         "off", "also log to Weights & Biases: on (its own mode choice), online, offline (no network) or off")
     wandb_project: str = doc("dsmoe", "W&B project; the run is named after run.dir")
+    mlflow: Union[Literal["off", "on"], str] = doc(
+        "off", "also log to MLflow: off, on (a file store in RUN_DIR/mlruns) or a tracking URI "
+               "(sqlite:///mlflow.db, http://host:5000); pip install 'dsmoe[mlflow]'")
+    mlflow_experiment: str = doc("dsmoe", "MLflow experiment; the run is named after run.dir")
 
 
 @dataclass

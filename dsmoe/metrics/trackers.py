@@ -1,21 +1,29 @@
-"""Experiment trackers fed from the metrics rows: TensorBoard event files and Weights & Biases.
+"""Experiment trackers fed from the metrics rows: TensorBoard event files, Weights & Biases, MLflow.
 
-`Trackers(run_dir, tensorboard=True, wandb="offline", project=..., run_name=..., config=...)` on rank 0;
-every other rank (and rank 0 with both off) gets an object that does nothing and imports nothing.
-Both libraries are optional extras (`pip install 'dsmoe[tensorboard]'`, `'dsmoe[wandb]'`), imported
-only when enabled. What each receives from a row:
+`Trackers(run_dir, tensorboard=True, wandb="offline", mlflow="on", project=..., run_name=..., config=...)`
+on rank 0; every other rank (and rank 0 with all off) gets an object that does nothing and imports
+nothing. The libraries are optional extras (`pip install 'dsmoe[tensorboard]'`, `'dsmoe[wandb]'`,
+`'dsmoe[mlflow]'`), imported only when enabled. What each receives from a row:
 
 - every number as a scalar, named `section/key` (train/loss, val/val_loss, time/forward_ms,
   memory/rss_gb, moe/expert_imbalance, ...); a list of numbers as key/0, key/1, ... (per MoE layer);
 - `tokens_per_expert` ([MoE layer][expert] token counts) as one histogram per MoE layer over the
-  expert index (TensorBoard: bucket e holds expert e's tokens; W&B: the same counts and edges);
-- samples ({step, prompt, text}) as text (TensorBoard) or a table (W&B).
+  expert index (TensorBoard: bucket e holds expert e's tokens; W&B: the same counts and edges;
+  MLflow has no histograms: its rows' numbers only);
+- samples ({step, prompt, text}) as text (TensorBoard), a table (W&B) or an artifact
+  `samples/step_N.md` (MLflow); MLflow also gets the config as params (`section.field`) and as the
+  artifact `config.yaml`.
+
+`ids` names the W&B and MLflow runs opened; passed back as `resume_ids` when the run resumes, they
+continue the same runs (W&B resume="allow", MLflow the same run id) instead of opening new ones.
 """
 
 from __future__ import annotations
 
 import json
 import numbers
+import os
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -23,6 +31,7 @@ EXPERT_COUNTS = "tokens_per_expert"
 TENSORBOARD_DIR = "tensorboard"
 _NOT_SCALARS = ("step", "time", EXPERT_COUNTS)
 _WANDB_MODES = ("online", "offline", "disabled")
+MLFLOW_DIR = "mlruns"  # log.mlflow=on: a file store in the run directory
 
 
 def scalar_tag(key: str) -> str:
@@ -73,9 +82,13 @@ class Trackers:
         tensorboard: write TensorBoard event files.
         wandb: False (off), True (W&B's own choice of mode: online once logged in, or WANDB_MODE),
             or a mode: "online", "offline" (no network; `wandb sync` uploads later), "disabled".
-        project, run_name: the W&B project and run name.
-        config: the run's configuration as plain data (recorded by W&B, and as text in TensorBoard).
+        mlflow: None (off), "on" (a file store in RUN_DIR/mlruns) or a tracking URI (sqlite:///x.db,
+            http://host:5000, file:/path).
+        project, experiment: the W&B project, the MLflow experiment.
+        run_name: the run's name in W&B and MLflow.
+        config: the run's configuration as plain data (recorded by W&B and MLflow, and as text in TensorBoard).
         rank: only rank 0 tracks.
+        resume_ids: a previous `ids` of this run ({"wandb": id, "mlflow": id}): continue those runs.
 
     Raises:
         ImportError: an enabled tracker's package is not installed (names the pip command).
@@ -83,24 +96,33 @@ class Trackers:
     """
 
     def __init__(self, run_dir: str | Path, *, tensorboard: bool = False, wandb: bool | str = False,
-                 project: str = "dsmoe", run_name: str | None = None, config: Mapping[str, Any] | None = None,
-                 rank: int = 0) -> None:
+                 mlflow: str | None = None, project: str = "dsmoe", experiment: str = "dsmoe",
+                 run_name: str | None = None,
+                 config: Mapping[str, Any] | None = None, rank: int = 0,
+                 resume_ids: Mapping[str, str] | None = None) -> None:
         self.run_dir = Path(run_dir)
-        self._tb = self._wandb = None
+        self._tb = self._wandb = self._mlflow = None
+        self.ids: dict[str, str] = {}
         if rank != 0:
             return
         if wandb not in (False, True) and wandb not in _WANDB_MODES:
             raise ValueError(f"log.wandb must be true, false or one of {_WANDB_MODES}, got {wandb!r}")
+        resume_ids = resume_ids or {}
         if tensorboard:
             self._tb = _tensorboard_writer(self.run_dir / TENSORBOARD_DIR)
             if config:
                 self._tb.add_text("config", f"```\n{_as_yaml(config)}\n```", 0)
         if wandb:
-            self._wandb = _wandb_run(self.run_dir, project, run_name, config, None if wandb is True else wandb)
+            self._wandb = _wandb_run(self.run_dir, project, run_name, config, None if wandb is True else wandb,
+                                     resume_ids.get("wandb"))
+            self.ids["wandb"] = self._wandb.id
+        if mlflow:
+            self._mlflow = MlflowRun(self.run_dir, mlflow, experiment, run_name, config, resume_ids.get("mlflow"))
+            self.ids["mlflow"] = self._mlflow.run_id
 
     @property
     def enabled(self) -> bool:
-        return self._tb is not None or self._wandb is not None
+        return self._tb is not None or self._wandb is not None or self._mlflow is not None
 
     def log_row(self, row: Mapping[str, Any]) -> None:
         """One metrics row (it must hold `step`)."""
@@ -121,6 +143,8 @@ class Trackers:
             for tag, counts in histograms.items():
                 data[tag] = wandb.Histogram(np_histogram=(counts, [e - 0.5 for e in range(len(counts) + 1)]))
             self._wandb.log(data, step=step)
+        if self._mlflow is not None:
+            self._mlflow.log_metrics(scalars, step)
 
     def log_samples(self, step: int, samples: list[Mapping[str, Any]]) -> None:
         """Generated samples: dicts with `prompt` and `text`."""
@@ -135,6 +159,8 @@ class Trackers:
             table = wandb.Table(columns=["step", "prompt", "text"],
                                 data=[[step, str(s["prompt"]), str(s["text"])] for s in samples])
             self._wandb.log({"samples": table}, step=step)
+        if self._mlflow is not None:
+            self._mlflow.log_text(sample_markdown(samples), f"samples/step_{step:07d}.md")
 
     def close(self) -> None:
         if self._tb is not None:
@@ -143,6 +169,9 @@ class Trackers:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+        if self._mlflow is not None:
+            self._mlflow.finish()
+            self._mlflow = None
 
 
 def _tensorboard_writer(log_dir: Path):
@@ -163,13 +192,73 @@ def _add_expert_histogram(writer, tag: str, counts: list[float], step: int) -> N
                              bucket_limits=[e + 0.5 for e in experts], bucket_counts=counts, global_step=step)
 
 
-def _wandb_run(run_dir: Path, project: str, run_name: str | None, config, mode: str | None):
+def _wandb_run(run_dir: Path, project: str, run_name: str | None, config, mode: str | None,
+               run_id: str | None = None):
     try:
         import wandb
     except ImportError as e:
         raise ImportError("log.wandb needs the wandb package: pip install 'dsmoe[wandb]' (or pip install wandb)") from e
     run_dir.mkdir(parents=True, exist_ok=True)
-    return wandb.init(project=project, name=run_name, dir=str(run_dir), config=dict(config or {}), mode=mode)
+    resume = {"id": run_id, "resume": "allow"} if run_id else {}  # "allow": an offline run is not on the server
+    return wandb.init(project=project, name=run_name, dir=str(run_dir), config=dict(config or {}), mode=mode,
+                      **resume)
+
+
+def flat_params(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config -> {"section.field": "value"} (MLflow params are flat strings)."""
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            out.update(flat_params(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+    return out
+
+
+class MlflowRun:
+    """One MLflow run through `MlflowClient` (no process-global active run), continued by id on resume.
+
+    Params are immutable in MLflow: a resume adds the fields it lacks and keeps the first values; the
+    resumed config is the `config.yaml` artifact (rewritten at each start)."""
+
+    def __init__(self, run_dir: Path, uri: str, experiment: str, run_name: str | None, config, run_id: str | None):
+        try:
+            from mlflow.entities import Param
+            from mlflow.tracking import MlflowClient
+        except ImportError as e:
+            raise ImportError("log.mlflow needs the mlflow package: pip install 'dsmoe[mlflow]' "
+                              "(or pip install mlflow-skinny)") from e
+        if uri == "on":
+            # a local file store needs no server and no database driver (mlflow-skinny has none);
+            # MLflow keeps it in maintenance mode behind this switch
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+            uri = (run_dir / MLFLOW_DIR).resolve().as_uri()
+        self.client = client = MlflowClient(tracking_uri=uri)
+        if run_id is None:
+            found = client.get_experiment_by_name(experiment)
+            experiment_id = found.experiment_id if found is not None else client.create_experiment(experiment)
+            run_id = client.create_run(experiment_id, run_name=run_name).info.run_id
+        else:
+            client.update_run(run_id, status="RUNNING")
+        self.run_id = run_id
+        if config:
+            have = client.get_run(run_id).data.params
+            params = [Param(k, v[:6000]) for k, v in flat_params(config).items() if k not in have]
+            for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+                client.log_batch(run_id, params=params[i:i + 100])
+            self.log_text(_as_yaml(config), "config.yaml")
+
+    def log_metrics(self, scalars: Mapping[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in scalars.items()])
+
+    def log_text(self, text: str, path: str) -> None:
+        self.client.log_text(self.run_id, text, path)
+
+    def finish(self) -> None:
+        self.client.set_terminated(self.run_id)
 
 
 def _as_yaml(config: Mapping[str, Any]) -> str:

@@ -9,6 +9,7 @@ it writes replaces a later checkpoint. Rank 0 decides; the others follow what it
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 import uuid
@@ -41,6 +42,26 @@ def read_lineage(run_dir: Path) -> Optional[str]:
         raise RunDirError(f"{path} is unreadable ({e}); restore it or pick a new --run.dir") from None
 
 
+def read_run_file(run_dir: Path) -> dict:
+    """run.json's fields ({} when absent): lineage, created, started_from, trackers."""
+    path = Path(run_dir) / RUN_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def update_run_file(run_dir: Path, **fields) -> None:
+    """Add fields to run.json (e.g. trackers: the W&B / MLflow run ids a resume continues)."""
+    path = Path(run_dir) / RUN_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({**read_run_file(run_dir), **fields}, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def resume_hint() -> str:
+    """How to continue a run: `add --resume auto`, or the command a wrapper set (`make resume`)."""
+    return f"run {os.environ['DSMOE_RESUME_COMMAND']}" if os.environ.get("DSMOE_RESUME_COMMAND") else \
+        "add --resume auto"
+
+
 def holds_a_run(run_dir: Path) -> bool:
     run_dir = Path(run_dir)
     return (run_dir / RUN_FILE).exists() or bool(list_checkpoints(run_dir)) or \
@@ -67,12 +88,14 @@ def claim(run_dir: Path, resume: Optional[Path], resume_lineage: Optional[str], 
                 raise RunDirError(
                     f"{run_dir} holds another run" + (f" (newest checkpoint {newest[-1].name})" if newest else "")
                     + ". Nothing was written. Either\n"
-                    f"  - continue it:            add --resume auto\n"
+                    f"  - continue it:            {resume_hint()}\n"
                     f"  - start a separate run:   pass a new --run.dir=DIR\n"
                     f"  - replace it:             add --run.overwrite=true (its files move to "
                     f"{run_dir.name}.replaced-TIME, nothing is deleted)")
             if write:
-                move_aside(run_dir)
+                moved = move_aside(run_dir)
+                print(f"{run_dir} held another run (run {owner or 'unknown'}): moved to {moved} "
+                      f"(run.overwrite=true; nothing deleted)", flush=True)
         lineage = new_lineage()
         if write:
             write_run_file(run_dir, lineage, started_from=None)

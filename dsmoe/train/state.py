@@ -37,6 +37,7 @@ class Progress:
     tokens: int = 0  # tokens trained on (samples x seq_len)
     skipped_overflow: int = 0
     lr_scale: float = 1.0  # lowered by each guard rollback
+    seconds: float = 0.0  # wall time of every part of the run up to this point (resumes add theirs)
 
 
 def broadcast(obj: Any, mesh, group: Optional[dist.ProcessGroup] = None) -> Any:

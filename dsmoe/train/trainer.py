@@ -39,6 +39,21 @@ from dsmoe.train.signals import StopRequest
 from dsmoe.train.state import Checkpoints, Progress, decide, schedule_of
 
 
+def batch_change(saved: dict, trainer) -> Optional[str]:
+    """The line that calls out a resume whose global batch (tokens per optimizer step) differs from
+    the checkpoint's; None when it is the same."""
+    t, was = trainer.cfg.train, saved["config"]["train"]
+    world = saved["layout"]["world"]
+    before = world * was["micro_batch"] * was["grad_accum"] * was["seq_len"]
+    if before == trainer.tokens_per_step:
+        return None
+    return (f"the global batch changes on this resume: {fmt_tokens(before)} -> {fmt_tokens(trainer.tokens_per_step)} "
+            f"tokens per step (ranks x micro_batch x grad_accum x seq_len: {world} x {was['micro_batch']} x "
+            f"{was['grad_accum']} x {was['seq_len']} -> {trainer.mesh.world} x {t.micro_batch} x {t.grad_accum} x "
+            f"{t.seq_len}); the learning rate is not rescaled. Keep the tokens per step with --train.grad_accum or "
+            f"--train.micro_batch")
+
+
 class Trainer:
     def __init__(self, cfg: Config, resume: Optional[str] = None, mesh: Optional[Mesh] = None,
                  init_from: Optional[str] = None):
@@ -113,6 +128,7 @@ class Trainer:
             compile_blocks(self.wrapped)
         self.samples_per_micro_step = self.mesh.world * t.micro_batch
         self.tokens_per_step = self.samples_per_micro_step * t.grad_accum * t.seq_len
+        self.batch_change = batch_change(saved, self) if saved is not None else None
         self.flops_per_token = flops_per_token(self.model, t.seq_len)
         self.peak_tflops = peak_tflops(device_label(self.device), self.precision, cfg.log.peak_tflops)
 
@@ -296,15 +312,14 @@ class Trainer:
         cfg, t, p = self.cfg, self.cfg.train, self.progress
         end = min(t.steps, t.stop_after) if t.stop_after is not None else t.steps
         log = self.log = RunLogger(self.run_dir, self.mesh.rank, t.steps, cfg.log.rich, start_step=p.step)
-        wandb = {"off": False, "on": True}.get(cfg.log.wandb, cfg.log.wandb)
-        self.trackers = Trackers(self.run_dir, tensorboard=cfg.log.tensorboard, wandb=wandb,
-                                 project=cfg.log.wandb_project, run_name=self.run_dir.name, config=cfg.to_dict(),
-                                 rank=self.mesh.rank)
+        self.trackers = self._open_trackers()
         if self.mesh.is_main:
             (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
         log.header(self.header())
+        if self.batch_change:
+            log.warn(self.batch_change)
         history, saved, stopped = [], None, None
-        started, began = p.step, time.perf_counter()
+        started, began, earlier = p.step, time.perf_counter(), p.seconds
         interval = {"steps": 0, "seconds": 0.0}
         try:
             with self.stop:
@@ -326,8 +341,10 @@ class Trainer:
                         stopped = self.stop.signal_name or "a stop request on another rank"
                         break
                     self._periodic(history, end)
+                    p.seconds = earlier + time.perf_counter() - began  # saved with the progress
                     if cfg.checkpoint.every and p.step % cfg.checkpoint.every == 0 and p.step != end:
                         saved = self.checkpoints.save()
+            p.seconds = earlier + time.perf_counter() - began
             if (stopped or cfg.checkpoint.save_final) and not (saved and rundir.step_of(saved) == p.step):
                 saved = self.checkpoints.save()
             self.checkpoints.wait()  # an asynchronous save is committed before the run ends
@@ -340,9 +357,27 @@ class Trainer:
             log.close()
             self.trackers.close()
         result = {"history": history, "step": p.step, "stopped": stopped, "checkpoint": saved,
-                  "seconds": time.perf_counter() - began, "tokens": (p.step - started) * self.tokens_per_step}
+                  "seconds": time.perf_counter() - began, "tokens": (p.step - started) * self.tokens_per_step,
+                  "resumed_at": started, "run_seconds": earlier + time.perf_counter() - began,
+                  "run_tokens": p.tokens}
         self.log = RunLogger(None, self.mesh.rank, 0, "off")
         return result
+
+    def _open_trackers(self) -> Trackers:
+        """TensorBoard / W&B / MLflow on rank 0; a resume of this lineage continues the W&B and MLflow
+        runs it opened (their ids are kept in run.json)."""
+        cfg = self.cfg
+        stored = rundir.read_run_file(self.run_dir) if self.mesh.is_main else {}
+        resume_ids = stored.get("trackers") if stored.get("lineage") == self.lineage else None
+        trackers = Trackers(self.run_dir, tensorboard=cfg.log.tensorboard,
+                            wandb={"off": False, "on": True}.get(cfg.log.wandb, cfg.log.wandb),
+                            mlflow=None if cfg.log.mlflow == "off" else cfg.log.mlflow,
+                            project=cfg.log.wandb_project, experiment=cfg.log.mlflow_experiment,
+                            run_name=self.run_dir.name, config=cfg.to_dict(), rank=self.mesh.rank,
+                            resume_ids=resume_ids)
+        if trackers.ids and trackers.ids != resume_ids:
+            rundir.update_run_file(self.run_dir, trackers={**(resume_ids or {}), **trackers.ids})
+        return trackers
 
     def _periodic(self, history: list, end: int) -> None:
         """Validation and samples at their intervals."""
