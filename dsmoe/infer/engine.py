@@ -184,8 +184,14 @@ class Batch:
         self._advance(list(self.rows), logits_BSV[:, -1])
 
     def remove(self, seq: Sequence, reason: str = "cancelled") -> None:
-        """Take `seq` out (rows stay contiguous: the last decoding row fills its row, and the last
-        prefilling row the one freed there) and finish it with `reason`."""
+        """Take `seq` out and finish it with `reason` (if it has not finished yet)."""
+        self._free_row(seq)
+        if not seq.finished:
+            self.finish(seq, reason)
+
+    def _free_row(self, seq: Sequence) -> None:
+        """Give up `seq`'s row; rows stay contiguous: the last decoding row fills it, and the last
+        prefilling row the one freed there."""
         d = len(self.rows)
         if seq in self.prefilling:
             i, last = self.prefilling.index(seq), len(self.prefilling) - 1
@@ -202,8 +208,6 @@ class Batch:
             if self.prefilling:  # the first prefilling row is now the last prompt to arrive
                 self.cache.move_row(d + len(self.prefilling) - 1, d - 1)
                 self.prefilling.insert(0, self.prefilling.pop())
-        if not seq.finished:
-            self.finish(seq, reason)
 
     def _advance(self, seqs: list[Sequence], logits_BV: torch.Tensor) -> None:
         logits_BV = logits_BV[:, :self.vocab_limit]
@@ -241,9 +245,6 @@ class Batch:
                     continue
             if full:
                 self.finish(s, "length", flush=True)
-        for s in seqs:
-            if s.finished:
-                self.remove(s)
 
     def _stack(self, seqs: list[Sequence], name: str, dtype: torch.dtype) -> Optional[torch.Tensor]:
         """[B, vocab] of each row's `name` tensor (zeros for rows without one), or None when no row has one."""
@@ -259,9 +260,12 @@ class Batch:
                 seq.listener(seq, piece)
 
     def finish(self, seq: Sequence, reason: str, flush: bool = False) -> None:
-        """End `seq` with `reason` and tell its listener; `flush` hands out the text held back."""
+        """End `seq` with `reason`, free its row, then tell its listener (so a client told of the end
+        finds the row free); `flush` hands out the text held back."""
         if flush and seq.stream is not None:  # what was held back is final now
             self._emit(seq, seq.stream.update(seq.out, final=True)[0])
+        if seq in self.rows or seq in self.prefilling:
+            self._free_row(seq)
         seq.finish_reason = reason
         if seq.listener is not None:
             seq.listener(seq, "")
