@@ -158,8 +158,8 @@ class Batch:
         for i, (s, n) in enumerate(zip(seqs, take)):
             if s.params.prompt_logprobs:  # position j predicts prompt[prefilled + j + 1]
                 nxt = s.prompt[s.prefilled + 1:s.prefilled + n + 1]
-                chosen, top = token_logprobs(logits_BSV[i, :len(nxt), :self.vocab_limit],
-                                             torch.tensor(nxt, device=self.device), s.params.logprobs or 0)
+                chosen, top = token_logprobs(logits_BSV[i, :len(nxt)], torch.tensor(nxt, device=self.device),
+                                             s.params.logprobs or 0, self.vocab_limit)
                 s.prompt_logprobs += chosen
                 s.prompt_top_logprobs += top
             s.prefilled += n
@@ -210,15 +210,14 @@ class Batch:
                 self.prefilling.insert(0, self.prefilling.pop())
 
     def _advance(self, seqs: list[Sequence], logits_BV: torch.Tensor) -> None:
-        logits_BV = logits_BV[:, :self.vocab_limit]
         seen = self._stack(seqs, "seen", torch.bool)
         counts = self._stack(seqs, "counts", torch.float32)
-        tokens = sample(logits_BV, [s.params for s in seqs], [s.generator for s in seqs], seen, counts)
+        tokens = sample(logits_BV[:, :self.vocab_limit], [s.params for s in seqs], [s.generator for s in seqs], seen, counts)
         scored = [i for i, (s, t) in enumerate(zip(seqs, tokens)) if s.params.logprobs is not None and t is not None]
         if scored:
             idx = torch.tensor(scored, device=self.device)
             chosen, top = token_logprobs(logits_BV[idx], torch.tensor([tokens[i] for i in scored], device=self.device),
-                                         max(seqs[i].params.logprobs for i in scored))
+                                         max(seqs[i].params.logprobs for i in scored), self.vocab_limit)
             for i, c, t in zip(scored, chosen, top):
                 s = seqs[i]
                 s.scored.append(tokens[i])

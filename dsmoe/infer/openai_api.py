@@ -1,9 +1,10 @@
 """OpenAI's request bodies (the fields this server honours; any other is refused by name), its error body,
 and its log-probability objects, for dsmoe.infer.server.
 
-Log-probabilities are the model's own (log-softmax of the raw logits, as vLLM reports them by default),
-before temperature, top-k/top-p, penalties and logit_bias. A token is named by its text, or
-"bytes:\\xNN..." when it is part of a UTF-8 character and not text on its own.
+Log-probabilities are the model's own (log-softmax of the raw logits over its whole embedding, as its
+training loss and transformers compute them, and as vLLM reports them by default), before temperature,
+top-k/top-p, penalties and logit_bias. A token is named by its text, or "bytes:\\xNN..." when it is part
+of a UTF-8 character and not text on its own.
 """
 from __future__ import annotations
 

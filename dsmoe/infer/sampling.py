@@ -23,7 +23,8 @@ class SamplingParams:
     presence x [token generated] + frequency x (times generated), over the output only. logit_bias: (token
     id, bias) pairs added to the logits first. logprobs N: report the model's log-probability of each
     chosen token and its N most likely ones (the raw distribution, before any of the settings above);
-    prompt_logprobs: the same for every prompt token after the first. Generation ends at max_new_tokens,
+    prompt_logprobs: the same for every prompt token after the first. (Log-probabilities are normalised over
+    the model's whole embedding, padding rows included, as its training loss is.) Generation ends at max_new_tokens,
     at the end-of-text token unless ignore_eos, or where a stop string appears in the output (the output
     ends before it). seed None draws a fresh one."""
     max_new_tokens: int = 64
@@ -143,12 +144,14 @@ def sample(logits_BV: torch.Tensor, params: Sequence[SamplingParams], generators
     return out
 
 
-def token_logprobs(logits_BV: torch.Tensor, chosen_B: torch.Tensor, top_n: int) -> tuple[list[float], list[dict[int, float]]]:
-    """The model's log-probabilities (log-softmax of the raw logits, fp32) of `chosen_B` [B] and of each
-    row's `top_n` most likely tokens: ([B] floats, B dicts token id -> log-probability)."""
+def token_logprobs(logits_BV: torch.Tensor, chosen_B: torch.Tensor, top_n: int,
+                   vocab_limit: Optional[int] = None) -> tuple[list[float], list[dict[int, float]]]:
+    """The model's log-probabilities (log-softmax of the raw logits over the whole embedding, padding rows
+    included, as training's loss and transformers score them; fp32) of `chosen_B` [B] and of each row's
+    `top_n` most likely tokens below `vocab_limit`: ([B] floats, B dicts token id -> log-probability)."""
     logp_BV = logits_BV.float().log_softmax(-1)
     chosen = logp_BV.gather(-1, chosen_B[:, None])[:, 0].tolist()
     if top_n == 0:
         return chosen, [{} for _ in chosen]
-    values, ids = logp_BV.topk(top_n, dim=-1)
+    values, ids = logp_BV[:, :vocab_limit].topk(top_n, dim=-1)
     return chosen, [dict(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
