@@ -198,5 +198,6 @@ def test_lm_eval_scores_the_server_as_it_scores_the_exported_model(server, ckpt,
     acc_hf, ll_hf = run("hf", f"pretrained={hf_dir},dtype=float32")
     assert len(ll_api) == len(docs) and [len(x) for x in ll_api] == [len(d[1]) for d in docs]
     diff = max(abs(float(a) - float(b)) for xa, xb in zip(ll_api, ll_hf) for a, b in zip(xa, xb))
+    print(f"lm-eval: {sum(map(len, ll_api))} loglikelihoods, max |server - hf| {diff:.2e}; acc {acc_api} vs {acc_hf}")
     assert diff < 1e-4, (ll_api, ll_hf)
     assert acc_api == acc_hf

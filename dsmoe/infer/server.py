@@ -19,6 +19,7 @@ alone; a client that disconnects has its request dropped and its rows freed.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import re
 import secrets
@@ -135,10 +136,9 @@ def create_app(batch: Batch, model_name: str, max_waiting: int = 256) -> FastAPI
         seqs = []
         for i, ids in enumerate(prompts):
             for j in range(n):
-                p = params if params.seed is None or j == 0 else SamplingParams(**{**params.__dict__,
-                                                                                   "seed": params.seed + j})
                 index = i * n + j
                 try:
+                    p = params if params.seed is None else dataclasses.replace(params, seed=params.seed + j)
                     seqs.append(batch.new_sequence(ids, p, lambda s, piece, index=index: loop.call_soon_threadsafe(
                         events.put_nowait, (index, piece, s.finish_reason))))
                 except ValueError as e:
