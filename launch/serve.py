@@ -8,10 +8,13 @@
          -d '{"prompt": "ROMEO:", "max_tokens": 64, "temperature": 0.8, "seed": 1}'
     curl -sN http://127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
          -d '{"prompt": "JULIET:", "max_tokens": 64, "stream": true}'
+    curl -s http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+         -d '{"messages": [{"role": "user", "content": "Who art thou?"}], "max_tokens": 32}'
     curl -s http://127.0.0.1:8000/v1/models;  curl -s http://127.0.0.1:8000/health
 
 Requests in flight are decoded together (up to --max-batch rows; the rest wait and join between decode
-steps). Port 0 takes a free port; the line "serving ... on http://HOST:PORT" says which. There is no
+steps); prompts are prefilled --prefill-chunk tokens per step. Port 0 takes a free port; the line
+"serving ... on http://HOST:PORT" says which, printed once the socket listens. There is no
 authentication: keep the default loopback host unless the network is trusted.
 """
 import argparse

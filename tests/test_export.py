@@ -233,7 +233,7 @@ def test_exported_files_suit_transformers_users(tmp_path):
 
     from transformers import AutoTokenizer
 
-    from dsmoe.infer.chat import render_chat
+    from dsmoe.infer.chat import DEFAULT_CHAT_TEMPLATE, render_chat
 
     out = tmp_path / "hf"
     export_model(build("tiny"), "byte", out)
@@ -243,6 +243,7 @@ def test_exported_files_suit_transformers_users(tmp_path):
     cfg, gen = (json.loads((out / name).read_text()) for name in ("config.json", "generation_config.json"))
     assert tok.pad_token_id == cfg["pad_token_id"] == gen["pad_token_id"] == eot
     assert "max_length" not in gen
+    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == DEFAULT_CHAT_TEMPLATE
     batch = tok(["ab", "abcd"], padding=True, return_tensors="pt")
     assert batch["input_ids"][0].tolist() == [97, 98, eot, eot]
     records = []

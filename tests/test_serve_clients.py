@@ -73,6 +73,11 @@ def test_streaming_completions_and_prompt_forms(client):
     whole = client.completions.create(prompt="KING:", **body).choices[0].text
     pieces = [c.choices[0].text for c in client.completions.create(prompt="KING:", stream=True, **body)]
     assert "".join(pieces) == whole and len(pieces) > 2
+    scored = client.completions.create(prompt="KING:", logprobs=2, echo=True, **body).choices[0].logprobs
+    streamed = [c.choices[0].logprobs for c in client.completions.create(prompt="KING:", stream=True, logprobs=2,
+                                                                         echo=True, **body)]
+    assert sum((lp.tokens for lp in streamed), []) == scored.tokens
+    assert sum((lp.token_logprobs for lp in streamed), []) == scored.token_logprobs
     ids = list("KING:".encode())
     many = client.completions.create(prompt=["KING:", "QUEEN:"], **body).choices
     assert [c.index for c in many] == [0, 1] and many[0].text == whole

@@ -60,7 +60,10 @@ def hf_tokenizer(name: str, model_max_length: int):
 
 def write_tokenizer_files(name: str, out_dir: str | Path, model_max_length: int) -> list[str]:
     """Write tokenizer.json and tokenizer_config.json into `out_dir`; returns the file names."""
-    return [Path(p).name for p in hf_tokenizer(name, model_max_length).save_pretrained(str(out_dir))
+    # save_jinja_files=False: the chat template inside tokenizer_config.json, where every reader looks
+    # (transformers also reads chat_template.jinja, older tools and converters only the config)
+    return [Path(p).name for p in hf_tokenizer(name, model_max_length).save_pretrained(str(out_dir),
+                                                                                       save_jinja_files=False)
             if Path(p).is_file()]
 
 
