@@ -129,6 +129,9 @@ def test_unsupported_fields_are_refused_by_name(client):
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "a"}],
                                        tools=[{"type": "function", "function": {"name": "f"}}])
     assert e.value.body["param"] == "tools" and "does not support" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "a"}], top_logprobs=2)
+    assert e.value.body["param"] == "top_logprobs" and "logprobs: true" in e.value.body["message"]
 
 
 BAD = [  # (how it is sent, the field named); every one arrives while a stream is in flight

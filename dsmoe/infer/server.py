@@ -181,6 +181,10 @@ def create_app(batch: Batch, model_name: str, max_waiting: int = 256) -> FastAPI
             return error(500, FAILED, None)
         return {**head, **body(seqs), "usage": usage(seqs, n)}
 
+    def refused(e: BadRequest):
+        unknown_model = e.param == "model"
+        return error(404 if unknown_model else 400, str(e), e.param, code="model_not_found" if unknown_model else None)
+
     def check_model(name: Optional[str]) -> None:
         if name not in (None, model_name):
             raise BadRequest(f"model '{name}' is not served here; this server serves '{model_name}'", "model")
@@ -195,8 +199,7 @@ def create_app(batch: Batch, model_name: str, max_waiting: int = 256) -> FastAPI
             prompts = prompts_of(req)
             params = sampling(req, req.max_tokens, req.logprobs, req.echo and req.logprobs is not None)
         except BadRequest as e:
-            return error(404 if e.param == "model" else 400, str(e), e.param,
-                         code="model_not_found" if e.param == "model" else None)
+            return refused(e)
         echo = [tok.decode(ids) if req.echo else "" for ids in prompts for _ in range(req.n)]
 
         def choice(seq: Sequence, index: int) -> dict:
@@ -228,11 +231,12 @@ def create_app(batch: Batch, model_name: str, max_waiting: int = 256) -> FastAPI
                 encode(m["content"], f"messages.{i}.content")
             ids = encode(render_chat(messages, template), "messages")
             max_tokens = req.max_completion_tokens or req.max_tokens or context - len(ids)
+            if req.top_logprobs is not None and not req.logprobs:
+                raise BadRequest("top_logprobs needs logprobs: true", "top_logprobs")
             top = req.top_logprobs if req.top_logprobs is not None else 0
             params = sampling(req, max(max_tokens, 1), top if req.logprobs else None, False)
         except BadRequest as e:
-            return error(404 if e.param == "model" else 400, str(e), e.param,
-                         code="model_not_found" if e.param == "model" else None)
+            return refused(e)
 
         def body(seqs):
             return {"object": "chat.completion", "choices": [
