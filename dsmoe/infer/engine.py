@@ -3,7 +3,7 @@
 `Batch` holds up to `max_batch` sequences in one cache, rows 0..n-1 (a finished sequence's row is
 filled by the last live one, so the live rows stay one contiguous slice). New sequences may join
 between decode steps (`add`): their prompts are prefilled together, right-padded, into the next free
-rows, each row at its own positions (see dsmoe.infer.forward). `generate` runs a batch of prompts to
+rows, each row at its own positions (see dsmoe.infer.forward), whole or a chunk per step. `generate` runs a batch of prompts to
 the end; the server's scheduler drives a `Batch` itself.
 
 Routing at inference is training's (the trained aux-loss-free bias chooses the experts), and capacity
@@ -20,7 +20,7 @@ import torch
 from dsmoe.data.tokenizer import Tokenizer
 from dsmoe.infer.cache import KVCache
 from dsmoe.infer.forward import forward_cached
-from dsmoe.infer.sampling import SamplingParams, sample
+from dsmoe.infer.sampling import SamplingParams, sample, token_logprobs
 from dsmoe.infer.text import TextStream
 from dsmoe.model import Transformer
 
@@ -37,7 +37,16 @@ class Sequence:
     text: str = ""  # final output text so far
     finish_reason: Optional[str] = None  # "stop" (end-of-text or a stop string), "length", "cancelled", "error"
     seen: Optional[torch.Tensor] = None  # [vocab] bool: ids in prompt + output (repetition penalty only)
+    counts: Optional[torch.Tensor] = None  # [vocab] fp32: times each id was generated (presence/frequency)
     stream: Optional[TextStream] = None
+    prefilled: int = 0  # prompt tokens already in the cache
+    # params.logprobs: the ids scored (the output, plus an end-of-text that ended it), their log-probabilities
+    # and each position's top ones; params.prompt_logprobs: the same for prompt[1:]
+    scored: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[dict[int, float]] = field(default_factory=list)
+    prompt_logprobs: list[float] = field(default_factory=list)
+    prompt_top_logprobs: list[dict[int, float]] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -59,14 +68,21 @@ class Batch:
     """Live sequences sharing one KV cache of `max_batch` rows x `capacity` tokens (default: the model's
     max_seq_len). `tokenizer` is needed for text and stop strings; `eos_id` (default the tokenizer's
     end-of-text) ends a sequence unless its params say ignore_eos; ids >= `vocab_limit` (default the
-    tokenizer's vocabulary, else the model's) are never sampled."""
+    tokenizer's vocabulary, else the model's) are never sampled.
+
+    Rows [0, len(rows)) decode; the rows after them (`prefilling`) hold prompts still being prefilled.
+    `prefill_chunk` None prefills a prompt whole in `add`; a number N makes `add` only queue it, and each
+    `step` first prefills at most N prompt tokens (one prompt's next N, or several short prompts whole),
+    so a long prompt delays the decoding rows by one chunk per step instead of its whole prefill."""
 
     def __init__(self, model: Transformer, max_batch: int, capacity: Optional[int] = None,
                  tokenizer: Optional[Tokenizer] = None, eos_id: Optional[int] = None,
-                 vocab_limit: Optional[int] = None):
+                 vocab_limit: Optional[int] = None, prefill_chunk: Optional[int] = None):
         if max_batch < 1:
             raise ValueError(f"max_batch={max_batch}: must be >= 1")
-        self.model, self.tokenizer = model, tokenizer
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk={prefill_chunk}: must be >= 1 (or None: whole prompts)")
+        self.model, self.tokenizer, self.prefill_chunk = model, tokenizer, prefill_chunk
         param = next(model.parameters())
         self.device = param.device
         dtype = torch.get_autocast_dtype(self.device.type) if torch.is_autocast_enabled(self.device.type) else param.dtype
@@ -74,14 +90,20 @@ class Batch:
         self.eos_id = eos_id if eos_id is not None else (tokenizer.eot_id if tokenizer else None)
         self.vocab_limit = vocab_limit or (tokenizer.vocab_size if tokenizer else model.vocab_size)
         self.rows: list[Sequence] = []
+        self.prefilling: list[Sequence] = []
 
     @property
     def free(self) -> int:
-        return self.cache.batch - len(self.rows)
+        return self.cache.batch - len(self.rows) - len(self.prefilling)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.rows or self.prefilling)
 
     def new_sequence(self, prompt: list[int], params: SamplingParams,
                      listener: Optional[Callable[[Sequence, str], None]] = None) -> Sequence:
-        """A sequence for this batch; raises ValueError when it cannot fit the cache or needs a tokenizer."""
+        """A sequence for this batch; raises ValueError (naming the field) when it cannot fit the cache,
+        needs a tokenizer, or asks for ids or a top_k outside the vocabulary."""
         problem = context_error(len(prompt), params.max_new_tokens, self.cache.capacity)
         if problem:
             raise ValueError(problem)
@@ -89,6 +111,10 @@ class Batch:
             raise ValueError("stop strings need a tokenizer: pass tokenizer= to compare text")
         if any(not 0 <= t < self.model.vocab_size for t in prompt):
             raise ValueError(f"prompt ids must lie in [0, {self.model.vocab_size})")
+        if params.top_k > self.vocab_limit:
+            raise ValueError(f"top_k={params.top_k}: must be at most the vocabulary's {self.vocab_limit} ids (0 = off)")
+        if any(t >= self.vocab_limit for t, _ in params.logit_bias):
+            raise ValueError(f"logit_bias: token ids must lie in [0, {self.vocab_limit})")
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         seq = Sequence(list(prompt), params, torch.Generator(self.device).manual_seed(seed), listener)
         if self.tokenizer is not None:
@@ -97,27 +123,60 @@ class Batch:
             seq.seen = torch.zeros(self.vocab_limit, dtype=torch.bool, device=self.device)
             seq.seen[torch.tensor([t for t in prompt if t < self.vocab_limit], dtype=torch.long,
                                   device=self.device)] = True
+        if params.presence_penalty or params.frequency_penalty:
+            seq.counts = torch.zeros(self.vocab_limit, device=self.device)
         return seq
 
     def add(self, seqs: Seq[Sequence]) -> None:
-        """Prefill `seqs` into the next free rows and sample each one's first token."""
+        """Give `seqs` the next free rows; without a prefill_chunk, prefill them and sample each one's first
+        token now."""
         if len(seqs) > self.free:
             raise ValueError(f"{len(seqs)} sequences for {self.free} free rows")
-        if not seqs:
+        start = len(self.rows) + len(self.prefilling)
+        self.cache.lengths[start:start + len(seqs)] = 0
+        self.prefilling.extend(seqs)
+        if self.prefill_chunk is None:
+            while self.prefilling:
+                self.prefill()
+
+    def prefill(self) -> None:
+        """Prefill the next chunk of the waiting prompts (rows in order): the first row's next
+        prefill_chunk tokens, and the rows after it whole while the chunk has room; a prompt prefilled to
+        its end samples its first token and starts decoding."""
+        d, budget = len(self.rows), self.prefill_chunk or float("inf")
+        take: list[int] = []
+        for s in self.prefilling:
+            n = min(len(s.prompt) - s.prefilled, budget)
+            if take and sum(take) + n > budget:
+                break
+            take.append(n)
+        seqs = self.prefilling[:len(take)]
+        tokens = torch.zeros(len(seqs), max(take), dtype=torch.long)
+        for i, (s, n) in enumerate(zip(seqs, take)):
+            tokens[i, :n] = torch.tensor(s.prompt[s.prefilled:s.prefilled + n])
+        logits_BSV = forward_cached(self.model, tokens.to(self.device), self.cache.rows(d, d + len(seqs)), take)
+        for i, (s, n) in enumerate(zip(seqs, take)):
+            if s.params.prompt_logprobs:  # position j predicts prompt[prefilled + j + 1]
+                nxt = s.prompt[s.prefilled + 1:s.prefilled + n + 1]
+                chosen, top = token_logprobs(logits_BSV[i, :len(nxt)], torch.tensor(nxt, device=self.device),
+                                             s.params.logprobs or 0, self.vocab_limit)
+                s.prompt_logprobs += chosen
+                s.prompt_top_logprobs += top
+            s.prefilled += n
+        # only the last row taken can stop short of its prompt's end (then it was taken alone)
+        done = [i for i, s in enumerate(seqs) if s.prefilled == len(s.prompt)]
+        if not done:
             return
-        n, lengths = len(self.rows), [len(s.prompt) for s in seqs]
-        tokens = torch.zeros(len(seqs), max(lengths), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            tokens[i, :lengths[i]] = torch.tensor(s.prompt)
-        rows = self.cache.rows(n, n + len(seqs))
-        rows.lengths.zero_()
-        logits_BSV = forward_cached(self.model, tokens.to(self.device), rows, lengths)
-        last = torch.tensor(lengths, device=self.device) - 1
-        self.rows.extend(seqs)
-        self._advance(seqs, logits_BSV[torch.arange(len(seqs), device=self.device), last])
+        del self.prefilling[:len(done)]
+        self.rows.extend(seqs[i] for i in done)
+        last = torch.tensor([take[i] - 1 for i in done], device=self.device)
+        self._advance([seqs[i] for i in done], logits_BSV[torch.tensor(done, device=self.device), last])
 
     def step(self) -> None:
-        """Decode one token for every live row."""
+        """Prefill one chunk of the waiting prompts (with a prefill_chunk), then decode one token for every
+        decoding row."""
+        if self.prefilling:
+            self.prefill()
         if not self.rows:
             return
         tokens = torch.tensor([[s.out[-1]] for s in self.rows], device=self.device)
@@ -125,28 +184,57 @@ class Batch:
         self._advance(list(self.rows), logits_BSV[:, -1])
 
     def remove(self, seq: Sequence, reason: str = "cancelled") -> None:
-        """Take `seq` out (its row is refilled by the last live one) and finish it with `reason`."""
-        i = self.rows.index(seq)
-        last = len(self.rows) - 1
-        if i != last:
-            self.cache.move_row(last, i)
-            self.rows[i] = self.rows[last]
-        self.rows.pop()
+        """Take `seq` out and finish it with `reason` (if it has not finished yet)."""
+        self._free_row(seq)
         if not seq.finished:
             self.finish(seq, reason)
 
+    def _free_row(self, seq: Sequence) -> None:
+        """Give up `seq`'s row; rows stay contiguous: the last decoding row fills it, and the last
+        prefilling row the one freed there."""
+        d = len(self.rows)
+        if seq in self.prefilling:
+            i, last = self.prefilling.index(seq), len(self.prefilling) - 1
+            if i != last:
+                self.cache.move_row(d + last, d + i)
+                self.prefilling[i] = self.prefilling[last]
+            self.prefilling.pop()
+        else:
+            i = self.rows.index(seq)
+            if i != d - 1:
+                self.cache.move_row(d - 1, i)
+                self.rows[i] = self.rows[d - 1]
+            self.rows.pop()
+            if self.prefilling:  # the first prefilling row is now the last prompt to arrive
+                self.cache.move_row(d + len(self.prefilling) - 1, d - 1)
+                self.prefilling.insert(0, self.prefilling.pop())
+
     def _advance(self, seqs: list[Sequence], logits_BV: torch.Tensor) -> None:
-        seen = torch.stack([s.seen if s.seen is not None else torch.zeros(self.vocab_limit, dtype=torch.bool,
-                                                                          device=self.device) for s in seqs]) \
-            if any(s.seen is not None for s in seqs) else None
-        tokens = sample(logits_BV[:, :self.vocab_limit], [s.params for s in seqs], [s.generator for s in seqs], seen)
+        seen = self._stack(seqs, "seen", torch.bool)
+        counts = self._stack(seqs, "counts", torch.float32)
+        tokens = sample(logits_BV[:, :self.vocab_limit], [s.params for s in seqs], [s.generator for s in seqs], seen, counts)
+        scored = [i for i, (s, t) in enumerate(zip(seqs, tokens)) if s.params.logprobs is not None and t is not None]
+        if scored:
+            idx = torch.tensor(scored, device=self.device)
+            chosen, top = token_logprobs(logits_BV[idx], torch.tensor([tokens[i] for i in scored], device=self.device),
+                                         max(seqs[i].params.logprobs for i in scored), self.vocab_limit)
+            for i, c, t in zip(scored, chosen, top):
+                s = seqs[i]
+                s.scored.append(tokens[i])
+                s.logprobs.append(c)
+                s.top_logprobs.append(dict(list(t.items())[:s.params.logprobs]))
         for s, t in zip(seqs, tokens):
+            if t is None:  # this row's logits or settings gave no distribution: it fails, the others go on
+                self.finish(s, "error")
+                continue
             if t == self.eos_id and not s.params.ignore_eos:
                 self.finish(s, "stop", flush=True)
                 continue
             s.out.append(t)
             if s.seen is not None:
                 s.seen[t] = True
+            if s.counts is not None:
+                s.counts[t] += 1
             full = len(s.out) >= s.params.max_new_tokens
             if s.stream is not None:
                 piece, stopped = s.stream.update(s.out, final=full)
@@ -156,9 +244,13 @@ class Batch:
                     continue
             if full:
                 self.finish(s, "length", flush=True)
-        for s in seqs:
-            if s.finished:
-                self.remove(s)
+
+    def _stack(self, seqs: list[Sequence], name: str, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """[B, vocab] of each row's `name` tensor (zeros for rows without one), or None when no row has one."""
+        if all(getattr(s, name) is None for s in seqs):
+            return None
+        zeros = torch.zeros(self.vocab_limit, dtype=dtype, device=self.device)
+        return torch.stack([getattr(s, name) if getattr(s, name) is not None else zeros for s in seqs])
 
     def _emit(self, seq: Sequence, piece: str) -> None:
         if piece:
@@ -167,9 +259,12 @@ class Batch:
                 seq.listener(seq, piece)
 
     def finish(self, seq: Sequence, reason: str, flush: bool = False) -> None:
-        """End `seq` with `reason` and tell its listener; `flush` hands out the text held back."""
+        """End `seq` with `reason`, free its row, then tell its listener (so a client told of the end
+        finds the row free); `flush` hands out the text held back."""
         if flush and seq.stream is not None:  # what was held back is final now
             self._emit(seq, seq.stream.update(seq.out, final=True)[0])
+        if seq in self.rows or seq in self.prefilling:
+            self._free_row(seq)
         seq.finish_reason = reason
         if seq.listener is not None:
             seq.listener(seq, "")
@@ -205,7 +300,7 @@ def generate(model: Transformer, prompts: Seq[Prompt], params: Union[SamplingPar
 
     seqs = [batch.new_sequence(p_ids, p, listener(i)) for i, (p_ids, p) in enumerate(zip(ids, params))]
     batch.add(seqs)
-    while batch.rows:
+    while batch.busy:
         batch.step()
     return seqs
 
@@ -225,7 +320,7 @@ def generate_ids(model: Transformer, idx_BS: torch.Tensor, max_new_tokens: int, 
         for s in seqs:
             s.generator = generator
     batch.add(seqs)
-    while batch.rows:
+    while batch.busy:
         batch.step()
     new = torch.tensor([s.out for s in seqs], dtype=idx_BS.dtype, device=idx_BS.device)
     return torch.cat([idx_BS, new], dim=1)

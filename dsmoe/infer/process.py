@@ -19,8 +19,9 @@ SERVING = re.compile(r"^serving .* on (http://\S+?)/? ")
 
 @contextmanager
 def served(ckpt: str, *args: str, timeout_s: float = 300, env: Optional[dict] = None) -> Iterator[str]:
-    """Run `launch/serve.py --ckpt CKPT --port 0 ARGS` on loopback; yield its base URL once /health
-    answers; terminate it on exit. Raises RuntimeError with the server's output when it does not start
+    """Run `launch/serve.py --ckpt CKPT --port 0 ARGS` on loopback; yield its base URL once its address
+    line is printed and /health answered the first try; terminate it on exit. Raises RuntimeError with
+    the server's output when it does not start
     within `timeout_s` seconds."""
     cmd = [sys.executable, str(REPO_ROOT / "launch" / "serve.py"), "--ckpt", ckpt, "--host", "127.0.0.1",
            "--port", "0", *args]
@@ -30,7 +31,7 @@ def served(ckpt: str, *args: str, timeout_s: float = 300, env: Optional[dict] = 
     try:
         deadline = time.monotonic() + timeout_s
         url = None
-        while url is None:  # the line naming the port comes before uvicorn starts accepting
+        while url is None:  # the line naming the port comes once the socket listens
             line = proc.stdout.readline()
             if not line or time.monotonic() > deadline:
                 raise RuntimeError(f"the server did not start ({' '.join(cmd)}):\n{''.join(lines)}")
@@ -39,14 +40,11 @@ def served(ckpt: str, *args: str, timeout_s: float = 300, env: Optional[dict] = 
             url = m.group(1) if m else None
         # keep reading what the server prints, so a full pipe never blocks it
         threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=5):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the server at {url} never answered /health:\n{''.join(lines)}") from None
-                time.sleep(0.1)
+        try:  # once the line is printed the socket listens: the first request must be answered
+            with urllib.request.urlopen(f"{url}/health", timeout=max(deadline - time.monotonic(), 1)):
+                pass
+        except OSError as e:
+            raise RuntimeError(f"the server at {url} did not answer /health ({e}):\n{''.join(lines)}") from None
         yield url
     finally:
         proc.terminate()

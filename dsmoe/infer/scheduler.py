@@ -1,7 +1,9 @@
 """Continuous batching: one thread owns the model and decodes every live request together.
 
 Requests wait in a queue; between two decode steps the thread drops the sequences whose clients left,
-prefills waiting ones into the free rows of the Batch, then decodes one token for every row. A request's
+gives waiting ones the free rows of the Batch, prefills (a chunk of) their prompts, then decodes one
+token for every decoding row. A row whose sampling fails ends alone (dsmoe.infer.engine); a step that
+raises ends the requests in it with an error, and the server goes on. A request's
 output depends only on its own prompt, settings and seed (each row samples from its own generator and
 routing never drops tokens), so it is the same alone or batched with others.
 """
@@ -69,32 +71,33 @@ class Scheduler:
     def snapshot(self) -> dict:
         with self._cv:
             waiting = len(self._waiting)
-        return {"running": len(self.batch.rows), "waiting": waiting, "slots": self.batch.cache.batch,
+        return {"running": len(self.batch.rows) + len(self.batch.prefilling), "waiting": waiting, "slots": self.batch.cache.batch,
                 "peak_batch": self.peak_batch, "steps": self.steps, "finished": dict(self.finished)}
 
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not (self._stopping or self._waiting or self._cancelled or self.batch.rows):
+                while not (self._stopping or self._waiting or self._cancelled or self.batch.busy):
                     self._cv.wait()
                 if self._stopping:
                     return
                 cancelled, self._cancelled = self._cancelled, set()
             for seq in cancelled:
-                if seq in self.batch.rows:
+                if seq in self.batch.rows or seq in self.batch.prefilling:
                     self.batch.remove(seq, "cancelled")
             with self._cv:
                 new = [self._waiting.popleft() for _ in range(min(self.batch.free, len(self._waiting)))]
-            live = list(self.batch.rows) + new + [s for s in cancelled if s.finish_reason == "cancelled"]
+            live = (list(self.batch.rows) + list(self.batch.prefilling) + new
+                    + [s for s in cancelled if s.finish_reason == "cancelled"])
             try:
                 self.batch.add(new)
-                self.peak_batch = max(self.peak_batch, len(self.batch.rows))
-                if self.batch.rows:
+                if self.batch.busy:
                     self.batch.step()
                     self.steps += 1
+                self.peak_batch = max(self.peak_batch, len(self.batch.rows))
             except Exception:  # a failing step must not end the server: fail its requests, keep serving
                 log.exception("decoding failed; its requests end with an error")
-                for seq in list(self.batch.rows):
+                for seq in list(self.batch.rows) + list(self.batch.prefilling):
                     self.batch.remove(seq, "error")
                 for seq in new:
                     if not seq.finished:

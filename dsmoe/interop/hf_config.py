@@ -130,7 +130,7 @@ def hf_config_dict(cfg: Config, arch: Arch, vocab_size: int, eos_token_id: int, 
     out = dict(architectures=[arch.cls], vocab_size=vocab_size, hidden_size=m.d_model, intermediate_size=m.ffn_hidden,
                num_hidden_layers=m.n_layers, num_attention_heads=m.n_heads, max_position_embeddings=m.max_seq_len,
                rms_norm_eps=m.norm_eps, tie_word_embeddings=m.tie_embeddings, hidden_act="silu",
-               initializer_range=m.init_std, bos_token_id=None, eos_token_id=eos_token_id, pad_token_id=None,
+               initializer_range=m.init_std, bos_token_id=None, eos_token_id=eos_token_id, pad_token_id=eos_token_id,
                dtype=dtype, moe_intermediate_size=e.expert_hidden, num_experts_per_tok=e.top_k,
                norm_topk_prob=e.norm_topk_prob and e.top_k > 1)  # dsmoe never renormalises a single weight
     if a.kind == "mla":

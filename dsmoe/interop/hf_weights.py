@@ -142,8 +142,11 @@ def from_hf(tensors: dict[str, torch.Tensor], cfg: Config, arch: Arch) -> dict[s
             else torch.zeros(E)
         if arch.shared is None:  # size 0 (config_from_hf refuses a real one); the gate then multiplies zeros
             used.update(k for k in tensors if k.startswith((f"{h}shared_expert.", f"{h}shared_expert_gate.")))
-    if cfg.model.tie_embeddings:
-        used.add("lm_head.weight")  # some writers store the tied copy too
+    if cfg.model.tie_embeddings and "lm_head.weight" in tensors:  # some writers store the tied copy too
+        if not torch.equal(tensors["lm_head.weight"], tensors["model.embed_tokens.weight"]):
+            raise ExportError("lm_head.weight differs from model.embed_tokens.weight though the config ties them: "
+                              "dropping it would change the logits; load it untied (dsmoe.export --from-hf does)")
+        used.add("lm_head.weight")
     mtp = {k for k in tensors if (m := _LAYER.match(k)) and int(m.group(1)) >= cfg.model.n_layers}
     left = sorted(set(tensors) - used - mtp)
     if left:
@@ -189,6 +192,24 @@ def read_safetensors(hf_dir: str | Path) -> dict[str, torch.Tensor]:
     for name in files:
         tensors.update(load_file(str(hf_dir / name)))
     return tensors
+
+
+def stored_head_differs(hf_dir: str | Path) -> bool:
+    """Whether the directory stores an lm_head.weight unlike its embedding (a head its config may call tied)."""
+    from safetensors import safe_open
+
+    hf_dir, names = Path(hf_dir), ("lm_head.weight", "model.embed_tokens.weight")
+    where = json.loads((hf_dir / INDEX_FILE).read_text())["weight_map"] if (hf_dir / INDEX_FILE).is_file() \
+        else dict.fromkeys(names, SINGLE_FILE)
+    if not all(n in where and (hf_dir / where[n]).is_file() for n in names):
+        return False
+    pair = []
+    for n in names:
+        with safe_open(str(hf_dir / where[n]), framework="pt") as f:
+            if n not in f.keys():
+                return False
+            pair.append(f.get_tensor(n))
+    return not torch.equal(*pair)
 
 
 def load_hf_weights(hf_dir: str | Path, cfg_or_model) -> dict[str, torch.Tensor]:

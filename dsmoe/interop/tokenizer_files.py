@@ -6,7 +6,9 @@ TikTokenConverter from merge ranks that dsmoe already holds (nothing is download
   cl100k_base, see dsmoe.data.tokenizer).
 - `byte`: 256 single-byte ranks and no merges, so byte b is id b, and end-of-text is id 256.
 `split_special_tokens=True`: a literal "<|endoftext|>" inside a text is text, as dsmoe's encode_ordinary
-treats it; the end-of-text id is still the tokenizer's eos_token_id.
+treats it; the end-of-text id is still the tokenizer's eos_token_id, and its pad_token_id (as in config.json
+and generation_config.json), so `padding=True` works. tokenizer_config.json carries the chat template the
+server applies (dsmoe.infer.chat), so `apply_chat_template` gives the server's prompt ids.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from dsmoe.data import get_tokenizer
+from dsmoe.infer.chat import chat_template
 
 EOT_TEXT = "<|endoftext|>"  # the byte tokenizer's end-of-text (id 256) gets tiktoken's name for it
 KNOWN = ("byte", "tiktoken:gpt2", "tiktoken:cl100k_base")
@@ -50,13 +53,17 @@ def hf_tokenizer(name: str, model_max_length: int):
             return {**vocab, **specials}, merges
 
     backend = RanksConverter(pattern=pattern, extra_special_tokens=specials).converted()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eot, split_special_tokens=True,
-                                   model_max_length=model_max_length, clean_up_tokenization_spaces=False)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=eot, pad_token=eot, split_special_tokens=True,
+                                   model_max_length=model_max_length, clean_up_tokenization_spaces=False,
+                                   chat_template=chat_template(get_tokenizer(name)))
 
 
 def write_tokenizer_files(name: str, out_dir: str | Path, model_max_length: int) -> list[str]:
     """Write tokenizer.json and tokenizer_config.json into `out_dir`; returns the file names."""
-    return [Path(p).name for p in hf_tokenizer(name, model_max_length).save_pretrained(str(out_dir))
+    # save_jinja_files=False: the chat template inside tokenizer_config.json, where every reader looks
+    # (transformers also reads chat_template.jinja, older tools and converters only the config)
+    return [Path(p).name for p in hf_tokenizer(name, model_max_length).save_pretrained(str(out_dir),
+                                                                                       save_jinja_files=False)
             if Path(p).is_file()]
 
 
