@@ -11,6 +11,7 @@ import requests
 from conftest import small_config
 
 from dsmoe.infer import SamplingParams, generate
+from dsmoe.infer.seeds import prompt_seed
 from dsmoe.infer.load import load_model
 from dsmoe.infer.process import served
 from dsmoe.train.checkpoint import latest_checkpoint
@@ -68,7 +69,8 @@ def test_models_health_and_completion_equal_the_engine(server, ckpt):
     assert health(server)["status"] == "ok" and health(server)["slots"] == MAX_BATCH
     out = complete(server, model="tiny", prompt="ROMEO:", max_tokens=24, temperature=0.9, top_k=20, top_p=0.9, seed=3)
     model, tok, _ = load_model(ckpt, device="cpu")
-    ref = generate(model, ["ROMEO:"], SamplingParams(max_new_tokens=24, temperature=0.9, top_k=20, top_p=0.9, seed=3),
+    ref = generate(model, ["ROMEO:"], SamplingParams(max_new_tokens=24, temperature=0.9, top_k=20, top_p=0.9,
+                                                   seed=prompt_seed(3, 0)),
                    tok)[0]
     choice = out["choices"][0]
     assert out["object"] == "text_completion" and out["model"] == "tiny"

@@ -10,6 +10,7 @@ import torch
 from conftest import small_config
 
 from dsmoe.infer import SamplingParams, generate
+from dsmoe.infer.seeds import prompt_seed
 from dsmoe.infer.chat import render_chat
 from dsmoe.infer.forward import dropless
 from dsmoe.infer.load import load_model
@@ -82,16 +83,17 @@ def test_streaming_completions_and_prompt_forms(client):
     many = client.completions.create(prompt=["KING:", "QUEEN:"], **body).choices
     assert [c.index for c in many] == [0, 1] and many[0].text == whole
     assert client.completions.create(prompt=ids, **body).choices[0].text == whole
-    assert client.completions.create(prompt=[ids, ids], **body).choices[1].text == whole
-    two = client.completions.create(prompt="KING:", n=2, **body).choices
-    assert two[0].text == whole and two[1].text == client.completions.create(
-        prompt="KING:", **{**body, "seed": 5}).choices[0].text  # n: seeds s, s+1
+    same_twice = client.completions.create(prompt=[ids, ids], **body).choices  # prompt k draws prompt_seed(s, k)
+    assert same_twice[0].text == whole and same_twice[1].text != whole
+    two = client.completions.create(prompt="KING:", n=2, **body).choices  # choice j of one prompt: the same rule
+    assert two[0].text == whole and two[1].text == same_twice[1].text
 
 
 def test_penalties_and_logit_bias_equal_the_engine(client, engine):
     model, tok, _ = engine
     settings = dict(presence_penalty=1.5, frequency_penalty=0.7, logit_bias=((ord("e"), 3.0), (ord(" "), -5.0)))
-    ref = generate(model, ["ROMEO:"], SamplingParams(max_new_tokens=24, temperature=0.8, seed=9, **settings), tok)[0]
+    params = SamplingParams(max_new_tokens=24, temperature=0.8, seed=prompt_seed(9, 0), **settings)
+    ref = generate(model, ["ROMEO:"], params, tok)[0]
     out = client.completions.create(model="tiny", prompt="ROMEO:", max_tokens=24, temperature=0.8, seed=9,
                                     presence_penalty=1.5, frequency_penalty=0.7,
                                     logit_bias={str(ord("e")): 3.0, str(ord(" ")): -5.0}).choices[0]

@@ -41,7 +41,7 @@ class Sampling(BaseModel):
     logit_bias: Optional[dict[StrictStr, Number]] = None
     stop: Optional[Union[StrictStr, list[StrictStr]]] = None
     seed: Optional[StrictInt] = None
-    n: StrictInt = Field(1, ge=1, le=MAX_N, description="completions per prompt; seed s gives them seeds s, s+1, ...")
+    n: StrictInt = Field(1, ge=1, le=MAX_N, description="completions per prompt; with a seed, prompt i's choice j draws from prompt_seed(seed, i * n + j)")
     stream: StrictBool = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[StrictStr] = None  # an end-user id for the caller's own records; changes nothing here

@@ -38,6 +38,7 @@ from dsmoe.infer.engine import Batch, Sequence, context_error
 from dsmoe.infer.openai_api import (ChatRequest, CompletionRequest, chat_logprobs, completion_logprobs, error,
                                     http_error, server_error, validation_error)
 from dsmoe.infer.sampling import SamplingParams
+from dsmoe.infer.seeds import prompt_seed
 from dsmoe.infer.scheduler import QueueFull, Scheduler
 
 PAGE = Path(__file__).with_name("static") / "index.html"
@@ -127,7 +128,8 @@ def create_app(batch: Batch, model_name: str, max_waiting: int = 256) -> FastAPI
             raise BadRequest(str(e), _param_of(str(e), "body")) from None
 
     def start(prompts: list[list[int]], params: SamplingParams, n: int, events: asyncio.Queue) -> list[Sequence]:
-        """Queue n sequences per prompt (seed s: s, s+1, ...); raises BadRequest or QueueFull."""
+        """Queue n sequences per prompt; raises BadRequest or QueueFull. Sequence k (prompt i's choice j,
+        k = i * n + j) draws from prompt_seed(seed, k): the rule launch/generate.py follows (dsmoe.infer.seeds)."""
         for ids in prompts:
             problem = context_error(len(ids), params.max_new_tokens, context)
             if problem:
@@ -138,7 +140,7 @@ def create_app(batch: Batch, model_name: str, max_waiting: int = 256) -> FastAPI
             for j in range(n):
                 index = i * n + j
                 try:
-                    p = params if params.seed is None else dataclasses.replace(params, seed=params.seed + j)
+                    p = params if params.seed is None else dataclasses.replace(params, seed=prompt_seed(params.seed, index))
                     seqs.append(batch.new_sequence(ids, p, lambda s, piece, index=index: loop.call_soon_threadsafe(
                         events.put_nowait, (index, piece, s.finish_reason))))
                 except ValueError as e:
