@@ -2,7 +2,8 @@
 eager, the trainer's CUDA memory counters, activation checkpointing. Marked `cuda` and skipped without a GPU;
 `pytest -m cuda` (part of `make bench-gpu`) runs them there.
 
-The fp32 references run with TF32 off (IEEE fp32 matmuls), so the tolerances below measure bf16 / fp16 alone.
+The fp32 references run with TF32 off (IEEE fp32 matmuls: `train.tf32=false`, and "highest" around every
+test), so the tolerances below measure bf16 / fp16 alone.
 """
 import dataclasses
 
@@ -16,6 +17,7 @@ from dsmoe.train.trainer import Trainer
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 CUDA = "--train.device=cuda"
+IEEE = "--train.tf32=false"  # the trainer would otherwise turn TF32 on for fp32 on sm_80+
 # Over 6 steps of the small model (2 x 4 x 32 tokens per step, AdamW): the largest relative loss difference
 # of any step, and the relative L2 distance of the final parameters, from the fp32 run.
 MIXED_TOL = {"bf16": {"loss": 5e-3, "params": 3e-2}, "fp16": {"loss": 2e-3, "params": 1e-2}}
@@ -35,7 +37,7 @@ def _ieee_fp32():
 
 def fit(tmp_path, data_cache, name, *overrides):
     """Train the small model on the GPU; (per-step losses, final fp32 state on the CPU, logged rows, trainer)."""
-    t = Trainer(small_config(tmp_path / name, data_cache, CUDA, *overrides))
+    t = Trainer(small_config(tmp_path / name, data_cache, CUDA, IEEE, *overrides))
     rows = [r for r in t.fit()["history"] if "loss" in r]
     state = {k: v.detach().float().cpu() for k, v in t.model.state_dict().items()}
     return [r["loss"] for r in rows], state, rows, t

@@ -69,13 +69,6 @@ def test_peak_table_tells_hopper_parts_apart():
     assert peak_tflops("cpu", "fp32") is None and peak_tflops("cpu", "fp32", override=1.5) == 1.5
 
 
-@pytest.fixture
-def matmul_precision():
-    before = torch.get_float32_matmul_precision()
-    yield
-    torch.set_float32_matmul_precision(before)
-
-
 def test_fp32_is_rated_at_the_tf32_peak_only_with_tf32_on(matmul_precision):
     torch.set_float32_matmul_precision("highest")
     assert not tf32_enabled() and peak_tflops("NVIDIA H100 80GB HBM3", "fp32") == PEAK_TFLOPS["H100 SXM"]["fp32"]

@@ -90,6 +90,7 @@ class TrainConfig:
     grad_clip: float = doc(1.0, "global gradient-norm clip (0 = off)")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = doc("auto", "auto: bf16 on sm_80+, fp16+GradScaler on T4, fp32 on CPU")
     device: str = doc("auto", "auto, cpu, cuda or cuda:N")
+    tf32: bool = doc(True, "fp32 on sm_80+: matmuls on TF32 tensor cores; false: IEEE fp32 (reference runs)")
     seed: int = doc(1337, "seed for init, data order and sampling")
     compile: bool = doc(False, "torch.compile each transformer block (regional compilation)")
     fp8: bool = doc(False, "FP8 training (torchao float8) of the dense linears; CUDA sm_89+ with torchao only")

@@ -52,7 +52,7 @@ class Trainer:
         self.log = RunLogger(None, self.mesh.rank, 0, "off")  # until fit() opens the run's files
         self.resumed_from = decide(self.mesh, lambda: resolve_resume(resume, self.run_dir))  # one decider
         self.lineage = self._claim(write=False)  # refuse before any work: nothing written yet
-        self.precision = resolve_precision(t.precision, self.device)
+        self.precision = resolve_precision(t.precision, self.device, t.tf32)
         self.tokenizer = get_tokenizer(cfg.data.tokenizer)
         self.vocab_size = cfg.model.vocab_size or padded_vocab_size(self.tokenizer.vocab_size)
         if self.vocab_size < self.tokenizer.vocab_size:
