@@ -43,3 +43,59 @@ def test_a_bf16_checkpoint_evaluates_in_fp32_on_a_t4(gpu):
     gpu("rtx4060")
     assert eval_precision("bf16", CUDA) == "bf16"
     assert eval_precision("bf16", torch.device("cpu")) == "bf16"
+
+
+class Float8Linear(torch.nn.Linear):  # named as torchao's, which apply_fp8 counts
+    """Like torchao's Float8Linear.from_float: a new module with the old one's parameters, no other attribute."""
+
+    @classmethod
+    def from_float(cls, mod):
+        with torch.device("meta"):
+            new = cls(mod.in_features, mod.out_features, bias=False)
+        new.weight = mod.weight
+        return new
+
+
+def _stand_in_convert(model, module_filter_fn):
+    for fqn, mod in list(model.named_modules()):
+        if module_filter_fn(mod, fqn):
+            parent, _, child = fqn.rpartition(".")
+            setattr(model.get_submodule(parent), child, Float8Linear.from_float(mod))
+
+
+@pytest.mark.parametrize("convert", ["torchao", "stand-in"])
+def test_an_fp8_model_starts_from_the_bf16_models_weights(gpu, monkeypatch, convert):
+    import sys
+    import types
+
+    from dsmoe.config import CONFIG_ROOT, load_config
+    from dsmoe.model import Transformer
+    from dsmoe.train.precision import apply_fp8
+
+    if convert == "torchao":
+        pytest.importorskip("torchao.float8")
+    else:
+        monkeypatch.setitem(sys.modules, "torchao", types.ModuleType("torchao"))
+        monkeypatch.setitem(sys.modules, "torchao.float8",
+                            types.SimpleNamespace(convert_to_float8_training=_stand_in_convert))
+    gpu("h100")
+    cfg = load_config(CONFIG_ROOT / "models" / "tiny.yaml", ["--model.n_layers=4"])
+    models = []
+    for fp8 in (False, True):
+        with torch.device("meta"):
+            model = Transformer(cfg, 320)
+        if fp8:
+            assert apply_fp8(model, CUDA) > 0  # the model's own path, as the trainer calls it
+        model.to_empty(device="cpu")
+        model.tie_weights()
+        model.init_weights(0)
+        models.append(model)
+    bf16, fp8 = (m.state_dict() for m in models)
+    swapped = [n for n, m in models[1].named_modules() if "Float8Linear" in type(m).__name__]
+    assert any(n.endswith(".wo") for n in swapped) and any(n.endswith("w_down") for n in swapped), swapped
+    assert bf16.keys() == fp8.keys()
+    for name in bf16:
+        torch.testing.assert_close(fp8[name], bf16[name], rtol=0, atol=0, msg=name)
+    # and the residual projections really are the scaled ones: std 0.02 / sqrt(2 * 4)
+    wo = bf16["layers.1.attn.wo.weight"]
+    assert abs(wo.std().item() - cfg.model.init_std / 8 ** 0.5) < 0.2 * cfg.model.init_std / 8 ** 0.5

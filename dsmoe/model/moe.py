@@ -21,7 +21,6 @@ class SwiGLU(nn.Module):
         self.w_gate = nn.Linear(d_model, hidden, bias=False)
         self.w_up = nn.Linear(d_model, hidden, bias=False)
         self.w_down = nn.Linear(hidden, d_model, bias=False)
-        self.w_down.is_residual_proj = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w_down(self.hidden(x))
