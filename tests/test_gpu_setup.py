@@ -99,3 +99,20 @@ def test_an_fp8_model_starts_from_the_bf16_models_weights(gpu, monkeypatch, conv
     # and the residual projections really are the scaled ones: std 0.02 / sqrt(2 * 4)
     wo = bf16["layers.1.attn.wo.weight"]
     assert abs(wo.std().item() - cfg.model.init_std / 8 ** 0.5) < 0.2 * cfg.model.init_std / 8 ** 0.5
+
+
+@pytest.mark.parametrize("free_gib, warns", [(7.4, False), (6.4, True)])
+def test_a_thin_memory_margin_on_the_gpu_warns_with_the_fix(gpu, monkeypatch, free_gib, warns):
+    """rtx4060.yaml plans 6.16 GiB of an 8 GiB card: 7.4 GiB free leaves over 10%, 6.4 GiB does not."""
+    from dsmoe.config import CONFIG_ROOT, load_config
+    from dsmoe.estimate import device_margin_warning
+
+    gpu("rtx4060")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(free_gib * 2**30), 8188 * 2**20))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    cfg = load_config(CONFIG_ROOT / "hardware" / "rtx4060.yaml", [])
+    text = device_margin_warning(cfg, 1, 1, CUDA)
+    assert (text is not None) == warns, text
+    if warns:
+        assert "RTX 4060" in text and "6.16 GiB" in text and "Fixes: expert parallelism: --parallel.ep" in text, text
+    assert device_margin_warning(cfg, 1, 1, torch.device("cpu")) is None

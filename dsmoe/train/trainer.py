@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from dsmoe.config import Config, ConfigError, dump_yaml
 from dsmoe.data import get_tokenizer, padded_vocab_size
+from dsmoe.estimate import device_margin_warning
 from dsmoe.metrics.logger import RunLogger, fmt_tokens
 from dsmoe.metrics.row import log_row
 from dsmoe.metrics.trackers import Trackers
@@ -303,6 +304,9 @@ class Trainer:
         if self.mesh.is_main:
             (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
         log.header(self.header())
+        margin = device_margin_warning(cfg, self.mesh.world, self.mesh.ep, self.device)
+        if margin:
+            log.warn(margin)
         history, saved, stopped = [], None, None
         started, began = p.step, time.perf_counter()
         interval = {"steps": 0, "seconds": 0.0}
