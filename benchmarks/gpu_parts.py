@@ -1,7 +1,7 @@
 """The parts of `make bench-gpu`: what benchmarks/gpu_suite.py runs, one process per part (`--part NAME`).
 
-Each part function returns a JSON-able dict (or, for `train`, one per training mode, each written by the
-caller as soon as it is done). Shapes: on a GPU the `smollm2-moe-576x30` preset at seq 2048 x micro-batch
+Each part function returns a JSON-able dict, written by the caller as soon as the part is done; each
+training mode is a part of its own. Shapes: on a GPU the `smollm2-moe-576x30` preset at seq 2048 x micro-batch
 8 in bf16 (45 GiB by `python -m dsmoe.estimate`, so it fits an 80 GB H100); with `--cpu` the tiny preset
 cut to d 64 x 3 layers at 4 x 32 tokens, bf16 as on the GPU (torch's grouped_mm compiles only in bf16), so the
 whole suite runs in about a minute on two cores.
@@ -24,13 +24,14 @@ from __future__ import annotations
 import dataclasses
 import gc
 import importlib.util
+import json
 import math
 import platform
+import re
 import shutil
 import statistics
 import sys
 import time
-import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -265,31 +266,55 @@ def moe_layer(cpu: bool) -> dict:
 
 
 def cuda_tests_command(work: Path) -> list[str]:
-    """`pytest -m cuda` over the test files that mark tests `cuda` (not the whole suite: collecting it would import
-    packages the GPU machine lacks), with a JUnit report for `cuda_tests_result`. Without a GPU every one skips."""
+    """`pytest -m cuda -v` over the test files that mark tests `cuda` (not the whole suite: collecting it would
+    import packages the GPU machine lacks): one line per test as it ends, which `CudaTestLog` reads. Without a
+    GPU every one skips."""
     files = sorted(str(f.relative_to(REPO_ROOT)) for f in (REPO_ROOT / "tests").glob("test_*.py")
                    if "mark.cuda" in f.read_text())
-    return [sys.executable, "-m", "pytest", "-m", "cuda", *files, "-q", "-p", "no:cacheprovider",
-            f"--junitxml={work / 'cuda-tests.xml'}"]
+    return [sys.executable, "-m", "pytest", "-m", "cuda", *files, "-v", "-p", "no:cacheprovider"]
 
 
-def cuda_tests_result(work: Path, returncode, output: str) -> dict:
-    """Passed / failed / skipped counts and the failed tests' names, from the JUnit report."""
-    junit = work / "cuda-tests.xml"
-    if not junit.exists():
-        return {"status": "failed", "returncode": returncode, "reason": "pytest wrote no report",
-                "output_tail": output[-2000:]}
-    counts = {"passed": 0, "failed": 0, "skipped": 0}
-    failures = []
-    for case in ET.parse(junit).getroot().iter("testcase"):
-        outcome = next((child.tag for child in case if child.tag in ("failure", "error", "skipped")), "passed")
-        key = {"failure": "failed", "error": "failed"}.get(outcome, outcome)
-        counts[key] += 1
-        if key == "failed":
-            failures.append(f"{case.get('classname')}::{case.get('name')}")
-    ok = returncode in (0, 5) and not failures  # 5: pytest collected nothing marked cuda
-    return {"status": "ok" if ok else "failed", "returncode": returncode, **counts, "failures": failures,
-            "output_tail": output[-1500:]}
+# `pytest -v`'s line for a test as it ends: "tests/test_cuda.py::test_x[bf16] PASSED    [ 20%]"
+TEST_LINE = re.compile(r"^(\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
+OUTCOMES = {"PASSED": "passed", "XPASS": "passed", "FAILED": "failed", "ERROR": "failed", "SKIPPED": "skipped",
+            "XFAIL": "skipped"}
+
+
+class CudaTestLog:
+    """The CUDA tests' outcomes as pytest's lines arrive, rewritten to `path` after each test, so a run
+    killed at its cap keeps every test that finished (and names the one that was running)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.outcomes: dict[str, str] = {}  # test id -> passed / failed / skipped (a teardown error: failed)
+        self.running: Optional[str] = None
+        self.write("running")
+
+    def line(self, text: str) -> bool:
+        """Reads one line of pytest's output; True when it ended a test."""
+        m = TEST_LINE.match(text)
+        if m:
+            self.outcomes[m.group(1)] = "failed" if self.outcomes.get(m.group(1)) == "failed" else OUTCOMES[m.group(2)]
+            self.running = None
+            self.write("running")
+        elif "::" in text and not text.endswith("\n"):  # the last, unfinished line: a test that was cut off
+            self.running = text.split()[0]
+        return m is not None
+
+    def finish(self, returncode, output: str) -> dict:
+        """The final record: ok when pytest exited 0 (or 5, nothing collected) with no failure."""
+        failed = any(v == "failed" for v in self.outcomes.values())
+        status = "timeout" if returncode == "timeout" else "ok" if returncode in (0, 5) and not failed else "failed"
+        return self.write(status, returncode, output[-1500:])
+
+    def write(self, status: str, returncode=None, output_tail: str = "") -> dict:
+        counts = {k: sum(v == k for v in self.outcomes.values()) for k in ("passed", "failed", "skipped")}
+        result = {"status": status, "returncode": returncode, **counts, "tests": self.outcomes,
+                  "failures": [k for k, v in self.outcomes.items() if v == "failed"], "cut_off": self.running,
+                  "output_tail": output_tail}
+        self.path.write_text(json.dumps(result, indent=2) + "\n")
+        self.result = result
+        return result
 
 
 def peer(cpu: bool) -> dict:
