@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
 
 from dsmoe.config import Config
 from dsmoe.model.dispatch import Dispatcher, LocalDispatcher, count_per_expert
@@ -197,8 +198,8 @@ class GroupedExperts(nn.Module):
             return (f"grouped_mm needs 16-byte aligned rows: d_model {d} and expert_hidden {f} must be multiples "
                     f"of {row_elems} in {dtype}")
         # a view into a larger buffer (a slice, an FSDP shard) may start off a 16-byte boundary; fake
-        # tensors (torch.compile tracing) have no address to check
-        if not torch.compiler.is_compiling() and any(t.data_ptr() % 16 for t in (x_ND, *weights)):
+        # tensors (torch.compile tracing, the simulated rehearsal) have no address to check
+        if not torch.compiler.is_compiling() and any(not is_fake(t) and t.data_ptr() % 16 for t in (x_ND, *weights)):
             return "grouped_mm needs 16-byte aligned operands: an input starts off a 16-byte boundary"
         return _no_kernel.get((dev, dtype))
 
