@@ -1,5 +1,12 @@
 """The set-up decisions a GPU run makes, taken on the CPU with the device's capability and name patched:
-precision, TF32, evaluation precision."""
+each hardware profile's precision, autocast, GradScaler, TF32, grouped GEMM, process-group backend, FP8
+and memory margin; TF32 through one API; evaluation precision; FP8 init; the memory-margin warning.
+
+A whole model cannot run on fake CUDA tensors in a CPU-only torch (the embedding's device guard aborts
+the process), so the decisions are taken through the functions the trainer calls.
+"""
+import importlib.util
+
 import pytest
 import torch
 
@@ -19,6 +26,7 @@ def gpu(monkeypatch):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap)
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: label)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)  # T4 says so too
     return use
 
 
@@ -116,3 +124,62 @@ def test_a_thin_memory_margin_on_the_gpu_warns_with_the_fix(gpu, monkeypatch, fr
     if warns:
         assert "RTX 4060" in text and "6.16 GiB" in text and "Fixes: expert parallelism: --parallel.ep" in text, text
     assert device_margin_warning(cfg, 1, 1, torch.device("cpu")) is None
+
+
+# profile -> (GPU, precision, autocast dtype, GradScaler on, fp8 allowed); GPUs launched from PROFILES
+PROFILE_DECISIONS = {
+    "cpu": (None, "fp32", None, False, False),
+    "rtx4060": ("rtx4060", "bf16", torch.bfloat16, False, True),
+    "g4dn_12xlarge": ("t4", "fp16", torch.float16, True, False),
+    "h100_node": ("h100", "bf16", torch.bfloat16, False, True),
+    "h100_multinode": ("h100", "bf16", torch.bfloat16, False, True),
+}
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILE_DECISIONS))
+def test_each_hardware_profile_takes_the_paths_its_gpu_has(profile, gpu, monkeypatch, matmul_precision):
+    from dsmoe.config import CONFIG_ROOT, load_config
+    from dsmoe.estimate import GPU_MEMORY_MIB, PROFILES, device_margin_warning
+    from dsmoe.model.grouped_mm import GROUPED_MM_DTYPES
+    from dsmoe.model.moe import GroupedExperts
+    from dsmoe.parallel.mesh import process_group_backend
+    from dsmoe.train.precision import apply_fp8, autocast, grad_scaler
+
+    assert {p.stem for p in (CONFIG_ROOT / "hardware").glob("*.yaml")} == set(PROFILE_DECISIONS)  # none unchecked
+    name, precision, dtype, scaler, fp8 = PROFILE_DECISIONS[profile]
+    cfg = load_config(CONFIG_ROOT / "hardware" / f"{profile}.yaml", [])
+    device = torch.device("cpu") if name is None else CUDA
+    if name is not None:
+        gpu(name)
+    torch.set_float32_matmul_precision("highest")
+    assert resolve_precision(cfg.train.precision, device, cfg.train.tf32) == precision
+    assert resolve_precision("auto", device) == precision  # the profile asks for what auto would pick
+    assert torch.get_float32_matmul_precision() == "highest"  # TF32 is fp32's business only
+    ctx = autocast(precision, device)
+    assert getattr(ctx, "fast_dtype", None) == dtype and (dtype is None or ctx.device == device.type)
+    assert grad_scaler(precision, device).is_enabled() == scaler
+    if name is not None:  # fp32 there would run on TF32 tensor cores from sm_80 (not on the T4)
+        resolve_precision("fp32", device)
+        assert torch.get_float32_matmul_precision() == ("high" if GPUS[name][0] >= (8, 0) else "highest")
+    # routed experts: one grouped GEMM in the compute dtype (aten's per-group loop where it has no kernel)
+    m = cfg.model.d_model
+    experts = GroupedExperts(cfg.moe.n_routed_experts, m, cfg.moe.expert_hidden)
+    compute = dtype or torch.float32
+    assert compute in GROUPED_MM_DTYPES and experts.fallback_reason(torch.empty(8, m, dtype=compute)) is None
+    world, ep = PROFILES[profile][1], cfg.parallel.ep
+    assert process_group_backend(device) == ("gloo" if name is None else "cpu:gloo,cuda:nccl")
+    if name is None:
+        return
+    with torch.device("meta"):
+        linear = torch.nn.Sequential(torch.nn.Linear(64, 64))
+    if fp8:
+        if importlib.util.find_spec("torchao") is not None:
+            assert apply_fp8(linear, device) == 1
+    else:
+        with pytest.raises(ConfigError, match="8.9"):
+            apply_fp8(linear, device)
+    # the whole card free: the planned peak leaves the 10% margin the run checks for at start
+    total = GPU_MEMORY_MIB[PROFILES[profile][0]] * 2**20
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (total, total))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
+    assert device_margin_warning(cfg, world, ep, device) is None
