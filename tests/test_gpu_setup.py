@@ -2,8 +2,9 @@
 each hardware profile's precision, autocast, GradScaler, TF32, grouped GEMM, process-group backend, FP8
 and memory margin; TF32 through one API; evaluation precision; FP8 init; the memory-margin warning.
 
-A whole model cannot run on fake CUDA tensors in a CPU-only torch (the embedding's device guard aborts
-the process), so the decisions are taken through the functions the trainer calls.
+Fake CUDA tensors (FakeTensorMode) do not get far in a CPU-only torch: the embedding and any `.to()` ask
+for a CUDA device guard, which aborts the process. So the decisions are taken through the functions the
+trainer calls, with torch.cuda's queries patched.
 """
 import importlib.util
 
