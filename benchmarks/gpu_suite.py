@@ -48,13 +48,13 @@ from benchmarks.suite import _f, _table, md_moe, md_titan  # noqa: E402
 
 # key, title, cap on a GPU (s), cap with --cpu (s), the result keys it writes; most valuable first
 PARTS = (
-    ("eager", "Training, eager bf16 (MFU, memory vs the estimator)", 90, 30, ("eager", "memory")),
-    ("compiled", "Training with torch.compile per block", 130, 30, ("compiled",)),
-    ("cuda_tests", "CUDA tests (pytest -m cuda)", 80, 30, ("cuda_tests",)),
-    ("fp16", "Training, fp16 + GradScaler", 40, 20, ("fp16",)),
+    ("eager", "Training, eager bf16 (MFU, memory vs the estimator)", 80, 30, ("eager", "memory")),
+    ("compiled", "Training with torch.compile per block", 120, 30, ("compiled",)),
+    ("cuda_tests", "CUDA tests (pytest -m cuda)", 110, 30, ("cuda_tests",)),
+    ("fp16", "Training, fp16 + GradScaler", 35, 20, ("fp16",)),
     ("moe_layer", "MoE layer vs dense FFN, grouped vs loop", 25, 20, ("moe_layer",)),
     ("fp8", "Training, FP8 (torchao float8)", 40, 20, ("fp8",)),
-    ("peer_torchtitan", "dsmoe vs torchtitan DeepSeek-V3", 45, 30, ("peer_torchtitan",)),
+    ("peer_torchtitan", "dsmoe vs torchtitan DeepSeek-V3", 40, 30, ("peer_torchtitan",)),
 )
 TRAIN_PARTS = ("eager", "compiled", "fp16", "fp8")
 BUDGET_S = {"gpu": 450, "cpu": 200}
