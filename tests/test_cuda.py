@@ -1,5 +1,6 @@
 """On a CUDA GPU: bf16 and fp16 + GradScaler training against fp32, grouped vs loop experts per dtype, compiled vs
-eager, the trainer's CUDA memory counters, activation checkpointing. Marked `cuda` and skipped without a GPU;
+eager, fp32 + TF32 compiled, cached GQA decoding, pinned async-save buffers, the trainer's CUDA memory counters,
+activation checkpointing. Marked `cuda` and skipped without a GPU;
 `pytest -m cuda` (part of `make bench-gpu`) runs them there.
 
 The fp32 references run with TF32 off (IEEE fp32 matmuls: `train.tf32=false`, and "highest" around every
