@@ -13,15 +13,14 @@ are the trainer's own logged figures; the first log interval holds the warm-up a
   `dsmoe.tools.memory.estimate_memory`, and the activation bytes one forward keeps (measured by
   `measure_saved_activation_bytes`) with the estimator's activation term.
 - fp16: fp16 autocast + GradScaler, what a T4 runs (overflow-skipped steps are counted).
-- fp8: torchao float8 training of the nn.Linear layers (cast per tensor; `train.fp8` when the config has
-  it); skipped without torchao or below compute capability 8.9.
-- compiled: one `torch.compile` per transformer block (`train.compile` when the config has it, else
-  `dsmoe.parallel.wrap.compile_blocks`, else `block.compile()` here); on the CPU with the "eager"
-  backend: dynamo's graph capture without inductor's minutes of C++ builds.
+- fp8: `train.fp8`, torchao float8 training of the dense nn.Linear layers (cast per tensor); skipped
+  without torchao or below compute capability 8.9.
+- compiled: one `torch.compile` per transformer block (`train.compile`); on the CPU
+  `dsmoe.parallel.wrap.compile_blocks` with the "eager" backend: dynamo's graph capture without
+  inductor's minutes of C++ builds.
 """
 from __future__ import annotations
 
-import dataclasses
 import gc
 import importlib.util
 import json
@@ -42,7 +41,8 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.common import device_name  # noqa: E402
-from dsmoe.config import CONFIG_ROOT, TrainConfig, load_config  # noqa: E402
+from dsmoe.config import CONFIG_ROOT, load_config  # noqa: E402
+from dsmoe.train.precision import FP8_MIN_CAPABILITY  # noqa: E402
 
 MODES = ("eager", "fp16", "fp8", "compiled")
 SHAPES = {
@@ -54,12 +54,7 @@ SHAPES = {
                           "attention": {"kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8,
                                         "v_head_dim": 16}}},
 }
-FP8_MIN_CAPABILITY = (8, 9)  # Ada and Hopper have fp8 tensor cores
 GiB = 2 ** 30
-
-
-def _has_train_field(name: str) -> bool:
-    return name in {f.name for f in dataclasses.fields(TrainConfig)}
 
 
 def train_config(cpu: bool, precision: str, run_dir: Path, train_extra: Optional[dict] = None):
@@ -143,29 +138,12 @@ def memory_vs_estimate(cfg, trainer, result: dict) -> dict:
     return out
 
 
-def _compile(trainer, cpu: bool) -> str:
-    """Regional compilation of each transformer block, for a config without train.compile."""
-    backend = "eager" if cpu else "inductor"  # on the CPU: dynamo's capture alone, in seconds
-    try:
-        from dsmoe.parallel.wrap import compile_blocks
-    except ImportError:  # a dsmoe without compile_blocks: the same per-block compilation here
-        for block in trainer.model.layers:
-            block.compile(backend=backend)
-        return f"block.compile(backend={backend!r}) per block"
-    compile_blocks(trainer.model, backend=backend)
-    return f"dsmoe.parallel.wrap.compile_blocks(backend={backend!r})"
+def _compile_eager(trainer) -> str:
+    """On the CPU: regional compilation with the "eager" backend (dynamo's capture without inductor's C++ builds)."""
+    from dsmoe.parallel.wrap import compile_blocks
 
-
-def _fp8(trainer) -> str:
-    from torchao.float8 import convert_to_float8_training
-
-    def keep(module: torch.nn.Module, fqn: str) -> bool:  # fp8 GEMMs need dims divisible by 16; LM head stays bf16
-        return isinstance(module, torch.nn.Linear) and fqn != "output" and \
-            module.in_features % 16 == 0 and module.out_features % 16 == 0
-
-    convert_to_float8_training(trainer.model, module_filter_fn=keep)
-    n = sum(type(m).__name__ == "Float8Linear" for m in trainer.model.modules())
-    return f"torchao float8 (tensorwise) on {n} nn.Linear layers; routed experts, router and LM head stay bf16"
+    compile_blocks(trainer.model, backend="eager")
+    return "dsmoe.parallel.wrap.compile_blocks(backend='eager')"
 
 
 def fp8_unavailable(cpu: bool) -> Optional[str]:
@@ -189,15 +167,12 @@ def train_mode(mode: str, cpu: bool, work: Path) -> dict:
         why = fp8_unavailable(cpu)
         if why:
             return {"fp8": {"status": "skipped", "reason": why}}
-        if _has_train_field("fp8"):
-            extra = {"fp8": True}
-        else:
-            prepare = _fp8
+        extra = {"fp8": True}
     elif mode == "compiled":
-        if _has_train_field("compile") and not cpu:
-            extra = {"compile": True}
+        if cpu:
+            prepare = _compile_eager
         else:
-            prepare = lambda trainer: _compile(trainer, cpu)  # noqa: E731
+            extra = {"compile": True}
     run_dir = work / f"run-{mode}"
     cfg = train_config(cpu, precision, run_dir, extra)
     if mode == "compiled":
