@@ -184,3 +184,19 @@ def test_each_hardware_profile_takes_the_paths_its_gpu_has(profile, gpu, monkeyp
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (total, total))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 0)
     assert device_margin_warning(cfg, world, ep, device) is None
+
+
+def test_the_run_prints_the_margin_warning_at_start(tmp_path, data_cache, monkeypatch, capsys):
+    from conftest import small_config
+    from dsmoe.train import trainer as trainer_mod
+
+    seen = []
+
+    def margin(cfg, world, ep, device):
+        seen.append((world, ep, device.type))
+        return "estimated peak 7.00 GiB leaves 0.10 GiB. Fixes: --parallel.activation_checkpointing=full"
+
+    monkeypatch.setattr(trainer_mod, "device_margin_warning", margin)
+    trainer_mod.Trainer(small_config(tmp_path, data_cache, "--train.steps=1")).fit()
+    assert seen == [(1, 1, "cpu")]
+    assert "warning: estimated peak 7.00 GiB leaves 0.10 GiB. Fixes:" in capsys.readouterr().err
