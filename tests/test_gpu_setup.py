@@ -11,6 +11,7 @@ import importlib.util
 import pytest
 import torch
 
+from conftest import small_config
 from dsmoe.config import ConfigError
 from dsmoe.train.precision import eval_precision, resolve_precision
 
@@ -187,7 +188,6 @@ def test_each_hardware_profile_takes_the_paths_its_gpu_has(profile, gpu, monkeyp
 
 
 def test_the_run_prints_the_margin_warning_at_start(tmp_path, data_cache, monkeypatch, capsys):
-    from conftest import small_config
     from dsmoe.train import trainer as trainer_mod
 
     seen = []
