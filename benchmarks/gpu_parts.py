@@ -1,7 +1,7 @@
 """The parts of `make bench-gpu`: what benchmarks/gpu_suite.py runs, one process per part (`--part NAME`).
 
-Each part function returns a JSON-able dict (or, for `train`, one per training mode, each written by the
-caller as soon as it is done). Shapes: on a GPU the `smollm2-moe-576x30` preset at seq 2048 x micro-batch
+Each part function returns a JSON-able dict, written by the caller as soon as the part is done; each
+training mode is a part of its own. Shapes: on a GPU the `smollm2-moe-576x30` preset at seq 2048 x micro-batch
 8 in bf16 (45 GiB by `python -m dsmoe.estimate`, so it fits an 80 GB H100); with `--cpu` the tiny preset
 cut to d 64 x 3 layers at 4 x 32 tokens, bf16 as on the GPU (torch's grouped_mm compiles only in bf16), so the
 whole suite runs in about a minute on two cores.
@@ -13,24 +13,24 @@ are the trainer's own logged figures; the first log interval holds the warm-up a
   `dsmoe.tools.memory.estimate_memory`, and the activation bytes one forward keeps (measured by
   `measure_saved_activation_bytes`) with the estimator's activation term.
 - fp16: fp16 autocast + GradScaler, what a T4 runs (overflow-skipped steps are counted).
-- fp8: torchao float8 training of the nn.Linear layers (cast per tensor; `train.fp8` when the config has
-  it); skipped without torchao or below compute capability 8.9.
-- compiled: one `torch.compile` per transformer block (`train.compile` when the config has it, else
-  `dsmoe.parallel.wrap.compile_blocks`, else `block.compile()` here); on the CPU with the "eager"
-  backend: dynamo's graph capture without inductor's minutes of C++ builds.
+- fp8: `train.fp8`, torchao float8 training of the dense nn.Linear layers (cast per tensor); skipped
+  without torchao or below compute capability 8.9.
+- compiled: one `torch.compile` per transformer block (`train.compile`); on the CPU
+  `dsmoe.parallel.wrap.compile_blocks` with the "eager" backend: dynamo's graph capture without
+  inductor's minutes of C++ builds.
 """
 from __future__ import annotations
 
-import dataclasses
 import gc
 import importlib.util
+import json
 import math
 import platform
+import re
 import shutil
 import statistics
 import sys
 import time
-import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -41,7 +41,8 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.common import device_name  # noqa: E402
-from dsmoe.config import CONFIG_ROOT, TrainConfig, load_config  # noqa: E402
+from dsmoe.config import CONFIG_ROOT, load_config  # noqa: E402
+from dsmoe.train.precision import FP8_MIN_CAPABILITY  # noqa: E402
 
 MODES = ("eager", "fp16", "fp8", "compiled")
 SHAPES = {
@@ -53,12 +54,7 @@ SHAPES = {
                           "attention": {"kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8,
                                         "v_head_dim": 16}}},
 }
-FP8_MIN_CAPABILITY = (8, 9)  # Ada and Hopper have fp8 tensor cores
 GiB = 2 ** 30
-
-
-def _has_train_field(name: str) -> bool:
-    return name in {f.name for f in dataclasses.fields(TrainConfig)}
 
 
 def train_config(cpu: bool, precision: str, run_dir: Path, train_extra: Optional[dict] = None):
@@ -142,29 +138,12 @@ def memory_vs_estimate(cfg, trainer, result: dict) -> dict:
     return out
 
 
-def _compile(trainer, cpu: bool) -> str:
-    """Regional compilation of each transformer block, for a config without train.compile."""
-    backend = "eager" if cpu else "inductor"  # on the CPU: dynamo's capture alone, in seconds
-    try:
-        from dsmoe.parallel.wrap import compile_blocks
-    except ImportError:  # a dsmoe without compile_blocks: the same per-block compilation here
-        for block in trainer.model.layers:
-            block.compile(backend=backend)
-        return f"block.compile(backend={backend!r}) per block"
-    compile_blocks(trainer.model, backend=backend)
-    return f"dsmoe.parallel.wrap.compile_blocks(backend={backend!r})"
+def _compile_eager(trainer) -> str:
+    """On the CPU: regional compilation with the "eager" backend (dynamo's capture without inductor's C++ builds)."""
+    from dsmoe.parallel.wrap import compile_blocks
 
-
-def _fp8(trainer) -> str:
-    from torchao.float8 import convert_to_float8_training
-
-    def keep(module: torch.nn.Module, fqn: str) -> bool:  # fp8 GEMMs need dims divisible by 16; LM head stays bf16
-        return isinstance(module, torch.nn.Linear) and fqn != "output" and \
-            module.in_features % 16 == 0 and module.out_features % 16 == 0
-
-    convert_to_float8_training(trainer.model, module_filter_fn=keep)
-    n = sum(type(m).__name__ == "Float8Linear" for m in trainer.model.modules())
-    return f"torchao float8 (tensorwise) on {n} nn.Linear layers; routed experts, router and LM head stay bf16"
+    compile_blocks(trainer.model, backend="eager")
+    return "dsmoe.parallel.wrap.compile_blocks(backend='eager')"
 
 
 def fp8_unavailable(cpu: bool) -> Optional[str]:
@@ -188,15 +167,12 @@ def train_mode(mode: str, cpu: bool, work: Path) -> dict:
         why = fp8_unavailable(cpu)
         if why:
             return {"fp8": {"status": "skipped", "reason": why}}
-        if _has_train_field("fp8"):
-            extra = {"fp8": True}
-        else:
-            prepare = _fp8
+        extra = {"fp8": True}
     elif mode == "compiled":
-        if _has_train_field("compile") and not cpu:
-            extra = {"compile": True}
+        if cpu:
+            prepare = _compile_eager
         else:
-            prepare = lambda trainer: _compile(trainer, cpu)  # noqa: E731
+            extra = {"compile": True}
     run_dir = work / f"run-{mode}"
     cfg = train_config(cpu, precision, run_dir, extra)
     if mode == "compiled":
@@ -265,31 +241,55 @@ def moe_layer(cpu: bool) -> dict:
 
 
 def cuda_tests_command(work: Path) -> list[str]:
-    """`pytest -m cuda` over the test files that mark tests `cuda` (not the whole suite: collecting it would import
-    packages the GPU machine lacks), with a JUnit report for `cuda_tests_result`. Without a GPU every one skips."""
+    """`pytest -m cuda -v` over the test files that mark tests `cuda` (not the whole suite: collecting it would
+    import packages the GPU machine lacks): one line per test as it ends, which `CudaTestLog` reads. Without a
+    GPU every one skips."""
     files = sorted(str(f.relative_to(REPO_ROOT)) for f in (REPO_ROOT / "tests").glob("test_*.py")
                    if "mark.cuda" in f.read_text())
-    return [sys.executable, "-m", "pytest", "-m", "cuda", *files, "-q", "-p", "no:cacheprovider",
-            f"--junitxml={work / 'cuda-tests.xml'}"]
+    return [sys.executable, "-m", "pytest", "-m", "cuda", *files, "-v", "-p", "no:cacheprovider"]
 
 
-def cuda_tests_result(work: Path, returncode, output: str) -> dict:
-    """Passed / failed / skipped counts and the failed tests' names, from the JUnit report."""
-    junit = work / "cuda-tests.xml"
-    if not junit.exists():
-        return {"status": "failed", "returncode": returncode, "reason": "pytest wrote no report",
-                "output_tail": output[-2000:]}
-    counts = {"passed": 0, "failed": 0, "skipped": 0}
-    failures = []
-    for case in ET.parse(junit).getroot().iter("testcase"):
-        outcome = next((child.tag for child in case if child.tag in ("failure", "error", "skipped")), "passed")
-        key = {"failure": "failed", "error": "failed"}.get(outcome, outcome)
-        counts[key] += 1
-        if key == "failed":
-            failures.append(f"{case.get('classname')}::{case.get('name')}")
-    ok = returncode in (0, 5) and not failures  # 5: pytest collected nothing marked cuda
-    return {"status": "ok" if ok else "failed", "returncode": returncode, **counts, "failures": failures,
-            "output_tail": output[-1500:]}
+# `pytest -v`'s line for a test as it ends: "tests/test_cuda.py::test_x[bf16] PASSED    [ 20%]"
+TEST_LINE = re.compile(r"^(\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
+OUTCOMES = {"PASSED": "passed", "XPASS": "passed", "FAILED": "failed", "ERROR": "failed", "SKIPPED": "skipped",
+            "XFAIL": "skipped"}
+
+
+class CudaTestLog:
+    """The CUDA tests' outcomes as pytest's lines arrive, rewritten to `path` after each test, so a run
+    killed at its cap keeps every test that finished (and names the one that was running)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.outcomes: dict[str, str] = {}  # test id -> passed / failed / skipped (a teardown error: failed)
+        self.running: Optional[str] = None
+        self.write("running")
+
+    def line(self, text: str) -> bool:
+        """Reads one line of pytest's output; True when it ended a test."""
+        m = TEST_LINE.match(text)
+        if m:
+            self.outcomes[m.group(1)] = "failed" if self.outcomes.get(m.group(1)) == "failed" else OUTCOMES[m.group(2)]
+            self.running = None
+            self.write("running")
+        elif "::" in text and not text.endswith("\n"):  # the last, unfinished line: a test that was cut off
+            self.running = text.split()[0]
+        return m is not None
+
+    def finish(self, returncode, output: str) -> dict:
+        """The final record: ok when pytest exited 0 (or 5, nothing collected) with no failure."""
+        failed = any(v == "failed" for v in self.outcomes.values())
+        status = "timeout" if returncode == "timeout" else "ok" if returncode in (0, 5) and not failed else "failed"
+        return self.write(status, returncode, output[-1500:])
+
+    def write(self, status: str, returncode=None, output_tail: str = "") -> dict:
+        counts = {k: sum(v == k for v in self.outcomes.values()) for k in ("passed", "failed", "skipped")}
+        result = {"status": status, "returncode": returncode, **counts, "tests": self.outcomes,
+                  "failures": [k for k, v in self.outcomes.items() if v == "failed"], "cut_off": self.running,
+                  "output_tail": output_tail}
+        self.path.write_text(json.dumps(result, indent=2) + "\n")
+        self.result = result
+        return result
 
 
 def peer(cpu: bool) -> dict:

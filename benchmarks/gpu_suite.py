@@ -1,23 +1,25 @@
 """`make bench-gpu`: the GPU measurements of dsmoe in one prepared run of at most 8 minutes on one H100/H200.
 
     PYTHONPATH=. python benchmarks/gpu_suite.py           # on the GPU machine (make bench-gpu)
-    python benchmarks/gpu_suite.py --cpu                   # the same parts on the CPU at tiny shapes, < 1 min
-    python benchmarks/gpu_suite.py --only train moe_layer  # some parts
+    python benchmarks/gpu_suite.py --cpu                   # the same parts on the CPU at tiny shapes, < 2 min
+    python benchmarks/gpu_suite.py --only eager moe_layer  # some parts
     python benchmarks/gpu_suite.py --wheels .whl           # first pip-install the wheels there (torchao, torchtitan)
 
-Parts, in this order, each in its own process under its own time cap (and all under `--budget` seconds;
-a part that no longer fits is recorded as skipped), continuing past a failed one:
+Parts, most valuable first, each in its own process under its own time cap (the caps add up to the 450 s
+`--budget`; a part that no longer fits is recorded as skipped), continuing past a failed one:
 
     env               the GPU, its SM count and memory, torch/CUDA, the peak table row the MFU is taken against
-    train             smollm2-moe-576x30, seq 2048 x 8: eager bf16 (tokens/s, MFU, peak memory vs the estimator),
-                      fp16 + GradScaler (the T4 path), FP8 (torchao float8; skipped without it)
+    eager             smollm2-moe-576x30, seq 2048 x 8, eager bf16: tokens/s, MFU, peak memory vs the estimator
+    compiled          the same training with one torch.compile per block
+    cuda_tests        pytest -m cuda, each test's outcome recorded as its line arrives
+    fp16              the same training in fp16 + GradScaler (the T4 path)
     moe_layer         one MoE layer vs its dense-equivalent FFN, grouped GEMM vs the per-expert loop
-    cuda_tests        pytest -m cuda
+    fp8               the same training with torchao float8 (skipped without it or below sm_89)
     peer_torchtitan   dsmoe vs torchtitan's DeepSeek-V3, interleaved (skipped without torchtitan)
-    train_compiled    the same training with one torch.compile per block (compilation is slow: it goes last)
 
 benchmarks/gpu_parts.py holds the parts. Results: benchmarks/results/<device>-<date>-bench-gpu.json and .md
-(`--out DIR` elsewhere), both rewritten after every part, so a run cut short still leaves what finished.
+(`--out DIR` elsewhere), both rewritten after every part, so a run cut short still leaves what finished; a
+part killed at its cap keeps what it wrote before (the CUDA tests that finished).
 Exit status 1 when a part failed or ran out of its time. docs/gpu.md says how to run it in one device call.
 """
 from __future__ import annotations
@@ -33,6 +35,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
@@ -43,15 +46,18 @@ if str(REPO_ROOT) not in sys.path:
 from benchmarks.common import RESULTS_DIR, device_name  # noqa: E402
 from benchmarks.suite import _f, _table, md_moe, md_titan  # noqa: E402
 
-# key, title, cap on a GPU (s), cap with --cpu (s), the result keys it writes
+# key, title, cap on a GPU (s), cap with --cpu (s), the result keys it writes; most valuable first
 PARTS = (
-    ("train", "Training: eager bf16, fp16 + GradScaler, FP8", 210, 45, ("eager", "memory", "fp16", "fp8")),
-    ("moe_layer", "MoE layer vs dense FFN, grouped vs loop", 60, 25, ("moe_layer",)),
-    ("cuda_tests", "CUDA tests (pytest -m cuda)", 150, 30, ("cuda_tests",)),
-    ("peer_torchtitan", "dsmoe vs torchtitan DeepSeek-V3", 120, 40, ("peer_torchtitan",)),
-    ("train_compiled", "Training with torch.compile per block", 240, 40, ("compiled",)),
+    ("eager", "Training, eager bf16 (MFU, memory vs the estimator)", 80, 30, ("eager", "memory")),
+    ("compiled", "Training with torch.compile per block", 120, 30, ("compiled",)),
+    ("cuda_tests", "CUDA tests (pytest -m cuda)", 110, 30, ("cuda_tests",)),
+    ("fp16", "Training, fp16 + GradScaler", 35, 20, ("fp16",)),
+    ("moe_layer", "MoE layer vs dense FFN, grouped vs loop", 25, 20, ("moe_layer",)),
+    ("fp8", "Training, FP8 (torchao float8)", 40, 20, ("fp8",)),
+    ("peer_torchtitan", "dsmoe vs torchtitan DeepSeek-V3", 40, 30, ("peer_torchtitan",)),
 )
-BUDGET_S = {"gpu": 450, "cpu": 150}
+TRAIN_PARTS = ("eager", "compiled", "fp16", "fp8")
+BUDGET_S = {"gpu": 450, "cpu": 200}
 MIN_PART_S = 20  # a part with less time than this left is not started
 
 
@@ -60,7 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cpu", action="store_true", help="run on the CPU at tiny shapes (the test suite runs this)")
     p.add_argument("--only", nargs="+", choices=[k for k, *_ in PARTS], default=None, help="run only these parts")
-    p.add_argument("--budget", type=float, default=None, help="seconds for all parts (default 450; 150 with --cpu)")
+    p.add_argument("--budget", type=float, default=None, help="seconds for all parts (default 450; 200 with --cpu)")
     p.add_argument("--cap-scale", type=float, default=1.0,
                    help="multiply every part's time cap (a slower or busy machine)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="where the JSON and markdown go")
@@ -69,7 +75,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(default: .whl if it exists)")
     p.add_argument("--part", default=None, help=argparse.SUPPRESS)  # internal: run one part in this process
     p.add_argument("--work", type=Path, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--cap", type=float, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.budget = args.budget or BUDGET_S["cpu" if args.cpu else "gpu"]
     if not args.cpu and not args.part and not torch.cuda.is_available():
@@ -88,26 +93,18 @@ def run_part(args) -> int:
 
     parts_dir = args.work / "parts"
     parts_dir.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
 
     def save(results: dict) -> None:
         for key, value in results.items():
             (parts_dir / f"{key}.json").write_text(json.dumps(value, indent=2, default=str) + "\n")
 
-    if args.part == "train" or args.part == "train_compiled":
-        modes = ("compiled",) if args.part == "train_compiled" else ("eager", "fp16", "fp8")
-        last = 0.0
-        for mode in modes:
-            if time.perf_counter() - t0 + last > args.cap - 5:  # the previous mode's time as the estimate
-                save({mode: {"status": "skipped", "reason": f"out of time (part cap {args.cap:.0f} s)"}})
-                continue
-            m0 = time.perf_counter()
-            try:
-                save(gpu_parts.train_mode(mode, args.cpu, args.work))
-            except Exception as e:  # noqa: BLE001 - recorded, and the next mode still runs
-                save({mode: {"status": "failed", "error": repr(e), "traceback": traceback.format_exc()[-3000:]}})
-                print(traceback.format_exc(), flush=True)
-            last = time.perf_counter() - m0
+    if args.part in TRAIN_PARTS:
+        try:
+            save(gpu_parts.train_mode(args.part, args.cpu, args.work))
+        except Exception as e:  # noqa: BLE001 - recorded as the part's result
+            save({args.part: {"status": "failed", "error": repr(e), "traceback": traceback.format_exc()[-3000:]}})
+            print(traceback.format_exc(), flush=True)
+            return 1
     elif args.part == "moe_layer":
         save({"moe_layer": gpu_parts.moe_layer(args.cpu)})
     elif args.part == "peer_torchtitan":
@@ -117,17 +114,18 @@ def run_part(args) -> int:
     return 0
 
 
-def part_command(key: str, args, work: Path, cap: float) -> list[str]:
+def part_command(key: str, args, work: Path) -> list[str]:
     from benchmarks import gpu_parts
 
     if key == "cuda_tests":  # pytest is the part's process
         return gpu_parts.cuda_tests_command(work)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--part", key, "--work", str(work), "--cap", str(cap)]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--part", key, "--work", str(work)]
     return cmd + (["--cpu"] if args.cpu else [])
 
 
-def spawn(key: str, cmd: list[str], cap: float, env: dict) -> tuple[object, str]:
-    """Run one part in a new process group (killed whole at the cap); (return code or 'timeout', output tail)."""
+def spawn(key: str, cmd: list[str], cap: float, env: dict, on_line: Optional[Callable[[str], None]] = None):
+    """Run one part in a new process group (killed whole at the cap), passing each output line to `on_line`
+    as it arrives; (return code or 'timeout', output tail)."""
     print(f"\n=== bench-gpu: {key} (cap {cap:.0f} s)", flush=True)
     lines: list[str] = []
     proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -147,6 +145,8 @@ def spawn(key: str, cmd: list[str], cap: float, env: dict) -> tuple[object, str]
         for line in proc.stdout:
             sys.stdout.write(line)
             lines.append(line)
+            if on_line is not None:
+                on_line(line)
         rc = proc.wait()
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
@@ -205,16 +205,18 @@ def md_memory(res: dict) -> list[str]:
 
 
 def md_tests(res: dict) -> list[str]:
-    out = [f"{res['passed']} passed, {res['failed']} failed, {res['skipped']} skipped (rc {res['returncode']})"]
-    return out + [f"- FAILED {name}" for name in res.get("failures", [])]
+    out = [f"{res['passed']} passed, {res['failed']} failed, {res['skipped']} skipped (rc {res['returncode']}, "
+           f"{res['status']})"]
+    out += [f"- FAILED {name}" for name in res.get("failures", [])]
+    return out + ([f"- cut off while running {res['cut_off']}"] if res.get("cut_off") else [])
 
 
-SECTIONS = (  # title, result key(s), renderer
-    ("Training", None, md_train),
-    ("Peak memory vs the estimator (eager run)", "memory", md_memory),
-    ("MoE layer vs dense FFN, grouped vs loop", "moe_layer", md_moe),
-    ("CUDA tests", "cuda_tests", md_tests),
-    ("dsmoe vs torchtitan DeepSeek-V3", "peer_torchtitan", md_titan),
+SECTIONS = (  # title, result key(s), renderer, whether it also renders a result that is not ok
+    ("Training", None, md_train, False),
+    ("Peak memory vs the estimator (eager run)", "memory", md_memory, False),
+    ("CUDA tests", "cuda_tests", md_tests, True),  # the tests that finished before a failure or the cap
+    ("MoE layer vs dense FFN, grouped vs loop", "moe_layer", md_moe, False),
+    ("dsmoe vs torchtitan DeepSeek-V3", "peer_torchtitan", md_titan, False),
 )
 
 
@@ -229,15 +231,16 @@ def markdown(combined: dict) -> str:
     out += _table(["part", "status", "wall s", "cap s"],
                   [[r["part"], r["status"] if r["status"] != "skipped" else _skip(r), _f(r.get("wall_s")),
                     _f(r.get("cap_s"), ".0f")] for r in combined["runs"]])
-    for title, key, render in SECTIONS:
+    for title, key, render, partial in SECTIONS:
         res = combined["parts"] if key is None else combined["parts"].get(key)
         if res is None:
             continue
-        out += ["", f"## {title}", ""]
         try:
-            out += render(res) if key is None or res.get("status") == "ok" else [_skip(res)]
+            lines = render(res) if key is None or partial or res.get("status") == "ok" else [_skip(res)]
         except (KeyError, TypeError, ValueError) as err:  # one part's JSON in an unexpected shape
-            out.append(f"_could not summarise: {err!r}_")
+            lines = [f"_could not summarise: {err!r}_"]
+        if lines:
+            out += ["", f"## {title}", "", *lines]
     return "\n".join(out) + "\n"
 
 
@@ -286,12 +289,17 @@ def main(argv=None) -> int:
         else:
             cap = min((cpu_cap if args.cpu else gpu_cap) * args.cap_scale, left)
             p0 = time.perf_counter()
-            rc, tail = spawn(key, part_command(key, args, work, cap), cap, env)
+            tests = gpu_parts.CudaTestLog(work / "parts" / "cuda_tests.json") if key == "cuda_tests" else None
+
+            def on_test_line(line: str) -> None:  # each finished test reaches the results at once
+                if tests.line(line):
+                    combined["parts"]["cuda_tests"] = tests.result
+                    write()
+
+            rc, tail = spawn(key, part_command(key, args, work), cap, env, on_test_line if tests else None)
             run.update(returncode=rc, cap_s=round(cap), wall_s=round(time.perf_counter() - p0, 1))
-            if key == "cuda_tests" and rc != "timeout":
-                result = gpu_parts.cuda_tests_result(work, rc, tail)
-                (work / "parts" / "cuda_tests.json").write_text(json.dumps(result, indent=2) + "\n")
-                rc = 0 if result["status"] == "ok" else rc
+            if tests is not None:  # the outcomes so far, also when killed at the cap
+                rc = 0 if tests.finish(rc, tail)["status"] == "ok" else rc
             for rk in result_keys:
                 path = work / "parts" / f"{rk}.json"
                 if path.exists():

@@ -33,7 +33,7 @@ import yaml
 from dsmoe.config import Config, ConfigError, load_config
 from dsmoe.tools.memory import GiB, estimate_memory
 
-__all__ = ["estimate_memory", "format_estimate", "verdict", "suggest",
+__all__ = ["estimate_memory", "format_estimate", "verdict", "suggest", "device_margin_warning",
            "memory_budget", "gpu_of", "GPU_MEMORY_MIB", "PROFILES", "main"]
 
 HEADROOM = 0.10  # kept free for the CUDA context, NCCL buffers and allocator fragmentation
@@ -148,6 +148,29 @@ def suggest(cfg: Config, world: int, ep: int, device: str, budget: float) -> lis
         out.append(f"the training state alone ({gib(est['persistent'])} of weights, gradients and AdamW moments) "
                    f"exceeds the budget: use more GPUs with --parallel.ep, or a smaller model")
     return out
+
+
+def device_margin_warning(cfg: Config, world: int, ep: int, device) -> Optional[str]:
+    """On a CUDA device: a warning naming the fixes when the estimated peak leaves less than HEADROOM of
+    the GPU's memory free; None when the margin is wide enough (or off CUDA).
+
+    What this process can use is the free memory (`torch.cuda.mem_get_info`) plus what its allocator
+    already reserved (the model and optimizer state, counted in the estimate): another process on the
+    same GPU, or a smaller card than the profile's, shows up here. The estimate counts allocated bytes;
+    the allocator's fragmentation and the CUDA context need the headroom."""
+    import torch
+
+    if device.type != "cuda":
+        return None
+    free, total = torch.cuda.mem_get_info(device)
+    usable = free + torch.cuda.memory_reserved(device)
+    est = estimate_memory(cfg, world=world, ep=ep, device="cuda")
+    if usable - est["total"] >= HEADROOM * total:
+        return None
+    fixes = suggest(cfg, world, ep, "cuda", usable - HEADROOM * total)
+    return (f"estimated peak {gib(est['total'])} leaves {gib(max(usable - est['total'], 0))} of {gib(usable)} usable "
+            f"on {torch.cuda.get_device_name(device)} (under {HEADROOM:.0%} of its {gib(total)}): out-of-memory "
+            f"errors are likely. Fixes: " + ("; ".join(fixes) if fixes else "a GPU with more memory, or more GPUs"))
 
 
 def format_estimate(est: dict, title: str = "", budget: Optional[tuple[float, str]] = None):

@@ -5,9 +5,10 @@
 
 The batches are the trainer's validation batches (`dsmoe.data.val_batches` over the prepared split of the
 checkpoint's data config, with its train.seq_len, train.micro_batch and train.eval_batches, or --batches),
-run in the checkpoint's precision: the loss is the `val_loss` training logged for the same weights (an
-imported checkpoint that dsmoe exported keeps its run's settings, so it evaluates the same windows).
-`--ckpt auto` names the checkpoint it chose. The
+run in the checkpoint's precision (a bf16 checkpoint in fp32 on a GPU without bf16 tensor cores, such as
+the T4): the loss is the `val_loss` training logged for the same weights (an imported checkpoint that
+dsmoe exported keeps its run's settings, so it evaluates the same windows). `--ckpt auto` names the
+checkpoint it chose. The
 expert load is the routed assignments per expert of each MoE layer over those tokens (before any capacity
 drop), as a share of the layer's assignments, with max/mean (1.0 = perfectly balanced).
 """
@@ -24,7 +25,7 @@ import torch
 from dsmoe.config import ConfigError
 from dsmoe.data import ensure_prepared, load_prepared, val_batches
 from dsmoe.train.checkpoint import CheckpointError
-from dsmoe.train.precision import autocast, resolve_precision
+from dsmoe.train.precision import autocast, eval_precision
 
 
 @torch.no_grad()
@@ -44,7 +45,7 @@ def evaluate_checkpoint(ckpt: str, run_dir: str = ".", batches: Optional[int] = 
     _, _, val_tokens = load_prepared(data_dir)
     val = val_batches(val_tokens, t.seq_len, t.micro_batch, t.eval_batches if batches is None else batches)
     dev = next(model.parameters()).device
-    precision = resolve_precision(t.precision, dev)
+    precision = eval_precision(t.precision, dev)
     total = torch.zeros((), device=dev)
     counts = dropped = None
     for x, y in val:

@@ -15,6 +15,14 @@ def _deterministic():
     yield
 
 
+@pytest.fixture
+def matmul_precision():
+    """Restores torch's fp32 matmul precision (TF32 or IEEE) after a test that sets it."""
+    before = torch.get_float32_matmul_precision()
+    yield
+    torch.set_float32_matmul_precision(before)
+
+
 def small_config(run_dir, cache_dir, *overrides: str):
     """The tiny MoE shrunk for fast CPU tests: no eval, no samples, log every step."""
     from dsmoe.config import CONFIG_ROOT, load_config

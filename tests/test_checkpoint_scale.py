@@ -129,3 +129,17 @@ def test_a_save_outlasting_the_step_timeout_does_not_fail_the_waiting_ranks(runs
 def test_async_save_of_one_file_is_refused(tmp_path, data_cache):
     with pytest.raises(ConfigError, match="checkpoint.format=sharded"):
         Trainer(small_config(tmp_path, data_cache, "--checkpoint.async_save=true", "--checkpoint.format=file"))
+
+
+def test_async_saves_reuse_one_host_copy(tmp_path, data_cache):
+    """The second asynchronous save copies into the first one's host buffers (pinned on CUDA): dcp.async_save
+    leaves a stager it did not create open, and the stager keeps a buffer per source storage."""
+    t = Trainer(small_config(tmp_path, data_cache, "--checkpoint.async_save=true", "--train.steps=1"))
+    t.fit()
+    cached = t.checkpoints.stager._state_dict_stager._cached_storage_mapping
+    buffers = []
+    for _ in range(2):
+        t.checkpoints.save()
+        t.checkpoints.wait()
+        buffers.append({id(b) for b in cached.values()})
+    assert buffers[0] and buffers[1] == buffers[0]

@@ -116,3 +116,27 @@ def test_expert_parallel_moe_block_is_compiled_around_its_host_sync():
         assert not r["breaks"], r["breaks"]
         assert r["graphs"] == 5  # dense block; the MoE block's attention sub-layer, norm, router, shared experts
         assert r["loss_diff"] <= 1e-6 and r["grad_diff"] <= 1e-6
+
+
+def test_a_sample_after_compiled_training_steps_compiles_nothing():
+    """Cached generation reads block.layer and passes its own attention closure: a compiled block would
+    recompile per layer. It runs the eager functions instead, and the compiled ones stay for training."""
+    model = compile_blocks(small_model(), backend="eager")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x, y = batch(torch.Generator().manual_seed(3))
+    for _ in range(2):
+        model(x, y).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    counters = torch._dynamo.utils.counters
+    frames = counters["stats"]["calls_captured"]
+    compiled_forward = model.layers[0].forward
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(x[:1, :5], 6, temperature=0.0)
+    assert out.shape == (1, 11)
+    assert counters["stats"]["calls_captured"] == frames and not counters["recompiles"], dict(counters)
+    assert model.layers[0].forward is compiled_forward  # training keeps its compiled blocks
+    model.train()
+    model(x, y).loss.backward()
+    assert not counters["recompiles"], dict(counters["recompiles"])

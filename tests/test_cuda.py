@@ -1,10 +1,13 @@
 """On a CUDA GPU: bf16 and fp16 + GradScaler training against fp32, grouped vs loop experts per dtype, compiled vs
-eager, the trainer's CUDA memory counters, activation checkpointing. Marked `cuda` and skipped without a GPU;
+eager, fp32 + TF32 compiled, cached GQA decoding, pinned async-save buffers, the trainer's CUDA memory counters,
+activation checkpointing. Marked `cuda` and skipped without a GPU;
 `pytest -m cuda` (part of `make bench-gpu`) runs them there.
 
-The fp32 references run with TF32 off (IEEE fp32 matmuls), so the tolerances below measure bf16 / fp16 alone.
+The fp32 references run with TF32 off (IEEE fp32 matmuls: `train.tf32=false`, and "highest" around every
+test), so the tolerances below measure bf16 / fp16 alone.
 """
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -16,6 +19,7 @@ from dsmoe.train.trainer import Trainer
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 CUDA = "--train.device=cuda"
+IEEE = "--train.tf32=false"  # the trainer would otherwise turn TF32 on for fp32 on sm_80+
 # Over 6 steps of the small model (2 x 4 x 32 tokens per step, AdamW): the largest relative loss difference
 # of any step, and the relative L2 distance of the final parameters, from the fp32 run.
 MIXED_TOL = {"bf16": {"loss": 5e-3, "params": 3e-2}, "fp16": {"loss": 2e-3, "params": 1e-2}}
@@ -35,7 +39,7 @@ def _ieee_fp32():
 
 def fit(tmp_path, data_cache, name, *overrides):
     """Train the small model on the GPU; (per-step losses, final fp32 state on the CPU, logged rows, trainer)."""
-    t = Trainer(small_config(tmp_path / name, data_cache, CUDA, *overrides))
+    t = Trainer(small_config(tmp_path / name, data_cache, CUDA, IEEE, *overrides))
     rows = [r for r in t.fit()["history"] if "loss" in r]
     state = {k: v.detach().float().cpu() for k, v in t.model.state_dict().items()}
     return [r["loss"] for r in rows], state, rows, t
@@ -130,3 +134,48 @@ def test_activation_checkpointing_on_cuda(tmp_path, data_cache, policy):
     kept_none = measure_saved_activation_bytes(t.model, idx)
     kept = measure_saved_activation_bytes(tc.model, idx, block_fn_for(tc.cfg.parallel))
     assert kept < kept_none
+
+
+def test_fp32_with_tf32_compiles_and_trains(tmp_path, data_cache):
+    """TF32 set through set_float32_matmul_precision: inductor reads the legacy flags it keeps consistent."""
+    t = Trainer(small_config(tmp_path / "tf32", data_cache, CUDA, "--train.precision=fp32", "--train.tf32=true",
+                             "--train.compile=true", "--train.steps=3"))
+    assert torch.get_float32_matmul_precision() == "high" and torch.backends.cuda.matmul.allow_tf32
+    losses = [r["loss"] for r in t.fit()["history"] if "loss" in r]
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gqa_cached_decoding_matches_the_full_forward_on_cuda(dtype):
+    """Cached GQA attention hands SDPA contiguous k/v beside a boolean mask (pytorch#112577's case)."""
+    from dsmoe.infer.cache import KVCache
+    from dsmoe.infer.forward import dropless, forward_cached
+    from dsmoe.model import Transformer
+
+    cfg = load_config(None, {"attention": {"kind": "gqa", "n_kv_heads": 2}, "model": {"init_std": 0.1}})
+    torch.manual_seed(0)
+    model = Transformer(cfg, 320).cuda().eval()
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 256, (2, 24), generator=gen).cuda()
+    cache = KVCache.allocate(cfg, 2, 32, dtype, torch.device("cuda"))
+    with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+        cached = torch.cat([forward_cached(model, ids[:, :16], cache)] +
+                           [forward_cached(model, ids[:, i:i + 1], cache) for i in range(16, 24)], 1)
+        with torch.no_grad(), dropless(model):
+            full = model(ids).logits
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    assert (cached.float() - full.float()).abs().max() <= tol * full.float().abs().max()
+
+
+def test_async_saves_reuse_one_pinned_host_copy(tmp_path, data_cache):
+    """The second save copies into the first one's pinned host buffers: no re-pinning per save."""
+    t = Trainer(small_config(tmp_path / "async", data_cache, CUDA, "--train.steps=1", "--checkpoint.async_save=true"))
+    t.fit()
+    cached = t.checkpoints.stager._state_dict_stager._cached_storage_mapping
+    buffers = []
+    for _ in range(2):
+        t.checkpoints.save()
+        t.checkpoints.wait()
+        buffers.append({id(b): b for b in cached.values()})
+    assert buffers[0] and buffers[1].keys() == buffers[0].keys()
+    assert t.checkpoints.stager._state_dict_stager.pin_memory  # pinned on CUDA

@@ -4,6 +4,7 @@ checkpoints are the same single-process files DDP writes.
 One launch per world size runs every job (process start-up costs seconds); the tests check the results.
 """
 import pytest
+import torch
 
 from conftest import rel_err, small_config
 from distributed import run_workers
@@ -24,11 +25,15 @@ def run_jobs(rank, world, cache, jobs):
                 out[name] = str(e)
             continue
         trainer = Trainer(small_config(run_dir, cache, *overrides))
+        seen = set()  # (what, dtype) of the router's weight and of a block's input, as forward sees them
+        for moe in trainer.model.moe_modules():
+            moe.router.register_forward_pre_hook(lambda m, args: seen.add(("router", m.weight.dtype)))
+        trainer.model.layers[-1].register_forward_pre_hook(lambda m, args: seen.add(("residual", args[0].dtype)))
         result = trainer.fit()
         state = trainer.checkpoints.full_state()  # every rank takes part; rank 0's holds the whole model
         out[name] = {"losses": [r["loss"] for r in result["history"] if "loss" in r],
                      "rollbacks": trainer.guard.rollbacks,
-                     "step": trainer.progress.step, "lr_scale": trainer.progress.lr_scale,
+                     "step": trainer.progress.step, "lr_scale": trainer.progress.lr_scale, "dtypes": seen,
                      "model": state["model"] if rank == 0 else None,
                      "optimizer": state["optimizer"]["state"] if rank == 0 else None}
     return out
@@ -42,6 +47,8 @@ def layouts(world):
     if world == 2:  # fp16 parameters for compute, fp32 reduction, GradScaler over sharded gradients
         jobs["ddp-fp16"] = base + ["--train.precision=fp16"]
         jobs["fsdp-fp16"] = base + ["--train.precision=fp16", "--parallel.dp=fsdp"]
+        jobs["ddp-bf16"] = base + ["--train.precision=bf16"]
+        jobs["fsdp-bf16"] = base + ["--train.precision=bf16", "--parallel.dp=fsdp"]
         jobs["error-offload"] = base + ["--parallel.dp=fsdp", "--parallel.cpu_offload=true"]
         jobs["rollback-fsdp"] = base + ["--parallel.dp=fsdp", "--guard.policy=rollback", "--guard.rollback_after=1",
                                         "--faults.nan_step=4", "--faults.nan_rank=1", "--checkpoint.every=2"]
@@ -68,7 +75,7 @@ def test_fsdp_trains_like_ddp(runs):
     world, got = runs
     ref = got["ddp"]
     for name, run in got.items():
-        if name.endswith("fp16") or name.startswith(("error", "rollback")):
+        if name.endswith(("fp16", "bf16")) or name.startswith(("error", "rollback")):
             continue
         for step, (a, b) in enumerate(zip(run["losses"], ref["losses"])):
             assert abs(a - b) <= TOL * abs(b), f"{name}, world {world}, step {step + 1}: {a} vs {b}"
@@ -98,6 +105,21 @@ def test_fsdp_fp16_trains_like_ddp_fp16(runs):
     for a, b in zip(run["losses"], ref["losses"]):
         assert abs(a - b) <= 1e-3 * abs(b), (run["losses"], ref["losses"])
     assert rel_err(run["model"], ref["model"]) < 1e-2
+    assert run["losses"][-1] < run["losses"][0] - 0.5  # it learns
+
+
+def test_fsdp_bf16_keeps_the_residual_stream_and_router_fp32_as_ddp_does(runs):
+    """FSDP2 gathers bf16 parameters but casts no forward input: the residual stream stays fp32, as under
+    DDP's autocast, and the router is gathered in fp32. Losses equal DDP's within bf16 rounding."""
+    world, got = runs
+    if world != 2:
+        pytest.skip("bf16 layouts run at world 2")
+    ref, run = got["ddp-bf16"], got["fsdp-bf16"]
+    fp32 = {("router", torch.float32), ("residual", torch.float32)}
+    assert ref["dtypes"] == fp32 and run["dtypes"] == fp32, (ref["dtypes"], run["dtypes"])
+    for a, b in zip(run["losses"], ref["losses"]):
+        assert abs(a - b) <= 1e-2 * abs(b), (run["losses"], ref["losses"])
+    assert rel_err(run["model"], ref["model"]) < 3e-2
     assert run["losses"][-1] < run["losses"][0] - 0.5  # it learns
 
 

@@ -11,6 +11,8 @@ from conftest import REPO
 from dsmoe.metrics.throughput import PEAK_TFLOPS, gpu_key, measure_peak_tflops, peak_tflops, tf32_enabled
 
 PARTS = ("env", "eager", "memory", "fp16", "fp8", "moe_layer", "cuda_tests", "peer_torchtitan", "compiled")
+# most valuable first: the MFU figures, the CUDA tests, then the rest
+ORDER = ["eager", "compiled", "cuda_tests", "fp16", "moe_layer", "fp8", "peer_torchtitan"]
 TITLES = ("## Training", "## Peak memory vs the estimator", "## MoE layer vs dense FFN", "## CUDA tests",
           "## dsmoe vs torchtitan DeepSeek-V3")
 
@@ -24,6 +26,7 @@ def test_bench_gpu_cpu_run_leaves_every_part(tmp_path):
     combined = json.loads(json_path.read_text())
     parts = combined["parts"]
     assert set(PARTS) <= set(parts)
+    assert [r["part"] for r in combined["runs"]] == ORDER
     for name in PARTS:
         assert parts[name]["status"] in ("ok", "skipped"), (name, parts[name])
         if parts[name]["status"] == "skipped":
@@ -49,6 +52,25 @@ def test_bench_gpu_cpu_run_leaves_every_part(tmp_path):
     assert "| eager | bf16 |" in md and "| fp16 | fp16 |" in md
 
 
+def test_a_part_killed_at_its_cap_keeps_the_cuda_tests_that_finished(tmp_path, monkeypatch, capsys):
+    """pytest killed mid-test, as the cap's SIGKILL of its process group does (here the part kills its own
+    group after two tests: no race against a timer): both outcomes and the cut-off test's name survive."""
+    from benchmarks import gpu_parts, gpu_suite
+
+    script = ("echo 'tests/test_cuda.py::test_a[bf16] PASSED  [ 10%]'; "
+              "echo 'tests/test_cuda.py::test_b FAILED  [ 20%]'; "
+              "printf 'tests/test_cuda.py::test_c '; kill -9 0")
+    monkeypatch.setattr(gpu_parts, "cuda_tests_command", lambda work: ["sh", "-c", script])
+    rc = gpu_suite.main(["--cpu", "--only", "cuda_tests", "--out", str(tmp_path)])
+    [json_path] = tmp_path.glob("cpu-*-bench-gpu.json")
+    combined = json.loads(json_path.read_text())
+    tests = combined["parts"]["cuda_tests"]
+    assert rc == 1 and combined["runs"][0]["status"] == "failed"
+    assert tests["tests"] == {"tests/test_cuda.py::test_a[bf16]": "passed", "tests/test_cuda.py::test_b": "failed"}
+    assert tests["passed"] == tests["failed"] == 1 and tests["cut_off"] == "tests/test_cuda.py::test_c"
+    assert "FAILED tests/test_cuda.py::test_b" in json_path.with_suffix(".md").read_text()
+
+
 def test_bench_gpu_refuses_to_run_without_a_gpu_unless_told():
     if torch.cuda.is_available():
         pytest.skip("a GPU is visible")
@@ -67,13 +89,6 @@ def test_peak_table_tells_hopper_parts_apart():
     assert peak_tflops("NVIDIA H100 PCIe", "bf16") < peak_tflops("NVIDIA H100 NVL", "bf16") < peak_tflops("NVIDIA H200", "bf16")
     assert gpu_key("NVIDIA L40S") == "L40S" and gpu_key("NVIDIA L4") == "L4" and gpu_key("Some Future GPU") is None
     assert peak_tflops("cpu", "fp32") is None and peak_tflops("cpu", "fp32", override=1.5) == 1.5
-
-
-@pytest.fixture
-def matmul_precision():
-    before = torch.get_float32_matmul_precision()
-    yield
-    torch.set_float32_matmul_precision(before)
 
 
 def test_fp32_is_rated_at_the_tf32_peak_only_with_tf32_on(matmul_precision):

@@ -63,6 +63,28 @@ def test_cached_greedy_equals_recomputation_ragged_batch(kind):
     assert len({tuple(s.out) for s in seqs}) > 1  # the check is not vacuous: outputs differ
 
 
+def test_gqa_cached_attention_hands_sdpa_contiguous_kv(monkeypatch):
+    """Strided k/v beside a mask is what CUDA's memory-efficient kernel got wrong (pytorch#112577)."""
+    model = build("gqa")
+    ps = prompts([7, 12], seed=2)
+    sdpa, seen = torch.nn.functional.scaled_dot_product_attention, []
+
+    def spy(q, k, v, **kw):
+        seen.append((k.is_contiguous(), v.is_contiguous(), kw.get("attn_mask") is not None))
+        return sdpa(q, k, v, **kw)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    cache = KVCache.allocate(model.cfg, len(ps), 24, torch.float32, torch.device("cpu"))
+    padded = torch.tensor([p + [0] * (12 - len(p)) for p in ps])
+    logits = forward_cached(model, padded, cache, [len(p) for p in ps])
+    step = forward_cached(model, torch.tensor([[5], [9]]), cache)
+    monkeypatch.undo()
+    assert seen and all(seen_k and seen_v and masked for seen_k, seen_v, masked in seen), seen
+    for b, p in enumerate(ps):  # and the outputs are the uncached model's
+        torch.testing.assert_close(logits[b, :len(p)], full_logits(model, p), atol=1e-5, rtol=0)
+        torch.testing.assert_close(step[b, -1], full_logits(model, p + [[5], [9]][b])[-1], atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("kind", SHAPES)
 def test_logits_at_every_position_match_full_forward(kind):
     model = build(kind)

@@ -274,23 +274,51 @@ def test_grouped_gemm_out_of_memory_propagates(monkeypatch):
     assert not moe_mod._warned and not moe_mod._no_kernel  # no silent switch to the loop
 
 
-@pytest.mark.parametrize("why", ["dtype", "no_kernel"])
+def test_grouped_gemm_other_runtime_errors_propagate(monkeypatch):
+    from dsmoe.model import moe as moe_mod
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(moe_mod, "grouped_mm", broken)
+    monkeypatch.setattr(moe_mod, "_warned", set())
+    monkeypatch.setattr(moe_mod, "_no_kernel", {})
+    ex, x, counts = _experts_and_rows()
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        ex(x, counts)
+    assert not moe_mod._warned and not moe_mod._no_kernel
+
+
+# the errors aten raises where grouped_mm cannot run, and the words the warning then carries
+KERNEL_ERRORS = {
+    "no_kernel": (NotImplementedError("Could not run 'aten::_grouped_mm' with arguments from the 'XLA' backend"),
+                  "not implemented"),
+    "cuda_unsupported": (RuntimeError("grouped mm is not supported on your system"), "not supported"),
+    "cuda_misaligned": (RuntimeError("expected data_ptr to be aligned to 16 bytes"), "aligned"),
+}
+
+
+@pytest.mark.parametrize("why", ["dtype", "misaligned_view", *KERNEL_ERRORS])
 def test_a_fallback_to_the_loop_warns_once_with_its_reason_and_equals_the_loop(why, monkeypatch):
     from dsmoe.model import moe as moe_mod
 
     monkeypatch.setattr(moe_mod, "_warned", set())
     monkeypatch.setattr(moe_mod, "_no_kernel", {})
-    if why == "no_kernel":
-        def not_implemented(*args, **kwargs):
-            raise NotImplementedError("Could not run 'aten::_grouped_mm' with arguments from the 'XLA' backend")
-        monkeypatch.setattr(moe_mod, "grouped_mm", not_implemented)
+    if why in KERNEL_ERRORS:
+        def no_grouped_mm(*args, **kwargs):
+            raise KERNEL_ERRORS[why][0]
+        monkeypatch.setattr(moe_mod, "grouped_mm", no_grouped_mm)
     ex, x, counts = _experts_and_rows(torch.float64 if why == "dtype" else torch.float32)  # fp64: no grouped_mm
+    if why == "misaligned_view":  # rows starting 4 bytes into their buffer, as a slice of a larger one can
+        x = torch.cat([x.new_zeros(1), x.flatten()])[1:].view_as(x)
+        assert x.data_ptr() % 16 and ex.fallback_reason(x) is not None
     with pytest.warns(RuntimeWarning) as record:
         outs = [ex(x, counts) for _ in range(3)]
     loop = ex._loop(x, counts, ex.w_gate, ex.w_up, ex.w_down)
     msgs = [str(w.message) for w in record if "per-expert loop" in str(w.message)]
     assert len(msgs) == 1, msgs
-    assert ("torch.float64" in msgs[0]) if why == "dtype" else ("not implemented" in msgs[0])
+    words = {"dtype": "torch.float64", "misaligned_view": "aligned"}.get(why) or KERNEL_ERRORS[why][1]
+    assert words in msgs[0], msgs
     for out in outs:
         torch.testing.assert_close(out[:10], loop[:10], rtol=0, atol=0)
 

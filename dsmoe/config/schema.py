@@ -92,6 +92,7 @@ class TrainConfig:
     device: str = doc("auto", "auto, cpu, cuda or cuda:N")
     gpu: Optional[str] = doc(None, "the GPU the run is written for (rtx4060, t4, h100): the memory dsmoe.estimate "
                                    "and --dry-run check against; null = the hardware profile's")
+    tf32: bool = doc(True, "fp32 on sm_80+: matmuls on TF32 tensor cores; false: IEEE fp32 (reference runs)")
     seed: int = doc(1337, "seed for init, data order and sampling")
     compile: bool = doc(False, "torch.compile each transformer block (regional compilation)")
     fp8: bool = doc(False, "FP8 training (torchao float8) of the dense linears; CUDA sm_89+ with torchao only")

@@ -63,8 +63,10 @@ def gqa_attend(attn: GroupedQueryAttention, x_BSD: torch.Tensor, layer: tuple[to
     _write(k_cache, pos_BS, apply_rope(attn.wk(x_BSD).view(B, S, Hkv, hd), cos, sin, pos_BS))
     _write(v_cache, pos_BS, attn.wv(x_BSD).view(B, S, Hkv, hd))
     T = mask_BST.shape[-1]
-    k_BHTD, v_BHTD = k_cache[:, :T].transpose(1, 2), v_cache[:, :T].transpose(1, 2)
-    out_BHSD = F.scaled_dot_product_attention(q_BSHD.transpose(1, 2), k_BHTD.to(q_BSHD.dtype),
-                                              v_BHTD.to(q_BSHD.dtype), attn_mask=mask_BST[:, None],
+    # contiguous k/v: CUDA's memory-efficient kernel has returned wrong output for strided k/v beside a
+    # boolean mask (pytorch#112577); the copy is of T positions, what SDPA reads anyway
+    k_BHTD = k_cache[:, :T].transpose(1, 2).to(q_BSHD.dtype).contiguous()
+    v_BHTD = v_cache[:, :T].transpose(1, 2).to(q_BSHD.dtype).contiguous()
+    out_BHSD = F.scaled_dot_product_attention(q_BSHD.transpose(1, 2), k_BHTD, v_BHTD, attn_mask=mask_BST[:, None],
                                               enable_gqa=Hkv != H)
     return attn.wo(out_BHSD.transpose(1, 2).reshape(B, S, H * hd))

@@ -10,6 +10,7 @@ import torch
 from dsmoe.infer.attention import gqa_attend, mla_attend
 from dsmoe.infer.cache import KVCache
 from dsmoe.model import Transformer
+from dsmoe.parallel.wrap import eager_blocks
 
 
 @contextmanager
@@ -43,7 +44,8 @@ def forward_cached(model: Transformer, tokens_BS: torch.Tensor, cache: KVCache,
 
     The model runs through its own `forward` (its blocks through `block_fn`), so wrappers hooked on
     module calls (FSDP2's all-gathers) and the expert-parallel dispatch run as in training; only each
-    block's attention sub-layer is replaced by the cached one. Raises ValueError when a row would pass
+    block's attention sub-layer is replaced by the cached one. Blocks compiled for training run their
+    eager functions here (`eager_blocks`: no recompilation per layer). Raises ValueError when a row would pass
     the cache's capacity."""
     B, S = tokens_BS.shape
     if B != cache.batch:
@@ -61,7 +63,7 @@ def forward_cached(model: Transformer, tokens_BS: torch.Tensor, cache: KVCache,
             return h + attend(block.attn, block.attn_norm(h), cache.layers[block.layer], pos_BS, mask_BST)
         return block(x, run_attention=run_attention)
 
-    with dropless(model):
+    with dropless(model), eager_blocks(model):
         logits = model(tokens_BS, block_fn=block_fn).logits
     cache.lengths += torch.as_tensor(S if n_new is None else list(n_new), dtype=torch.long)
     return logits

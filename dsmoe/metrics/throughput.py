@@ -46,12 +46,9 @@ def gpu_key(device_name: str, sm_count: Optional[int] = None, mem_gib: Optional[
 
 
 def tf32_enabled() -> bool:
-    """Whether fp32 matmuls on CUDA may use TF32 tensor cores (torch's global setting)."""
-    matmul = getattr(torch.backends.cuda.matmul, "fp32_precision", None)  # torch >= 2.9
-    if matmul is None:
-        return bool(torch.backends.cuda.matmul.allow_tf32)
-    # reading allow_tf32 after the new API was used raises, so read the new one: "none" defers to the global
-    return (matmul if matmul != "none" else getattr(torch.backends, "fp32_precision", "ieee")) == "tf32"
+    """Whether fp32 matmuls on CUDA may use TF32 tensor cores (torch's global setting, which
+    dsmoe.train.precision sets with the same API)."""
+    return torch.get_float32_matmul_precision() != "highest"
 
 
 def peak_tflops(device_name: str, precision: str, override: Optional[float] = None) -> Optional[float]:

@@ -117,7 +117,6 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_norm = RMSNorm(a.kv_lora_rank, m.norm_eps)
         self.wkv_b = nn.Linear(a.kv_lora_rank, m.n_heads * (self.nope + self.v_dim), bias=False)
         self.wo = nn.Linear(m.n_heads * self.v_dim, m.d_model, bias=False)
-        self.wo.is_residual_proj = True
         self.rotary = RotaryCache(self.rope, m.max_seq_len, m.rope_theta)
         self.scale = 1.0 / math.sqrt(qk_dim)
 
@@ -162,7 +161,6 @@ class GroupedQueryAttention(nn.Module):
         self.wk = nn.Linear(m.d_model, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(m.d_model, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.head_dim, m.d_model, bias=False)
-        self.wo.is_residual_proj = True
         self.rotary = RotaryCache(self.head_dim, m.max_seq_len, m.rope_theta)
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:

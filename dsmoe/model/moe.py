@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
 
 from dsmoe.config import Config
 from dsmoe.model.dispatch import Dispatcher, LocalDispatcher, count_per_expert
@@ -21,7 +22,6 @@ class SwiGLU(nn.Module):
         self.w_gate = nn.Linear(d_model, hidden, bias=False)
         self.w_up = nn.Linear(d_model, hidden, bias=False)
         self.w_down = nn.Linear(hidden, d_model, bias=False)
-        self.w_down.is_residual_proj = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w_down(self.hidden(x))
@@ -123,7 +123,11 @@ def update_expert_bias(router: Router, counts_E: torch.Tensor, rate: float) -> N
 
 
 _warned: set = set()  # fallback reasons already warned about (once per process each)
-_no_kernel: dict = {}  # (device type, dtype) -> the NotImplementedError grouped_mm raised there
+_no_kernel: dict = {}  # (device type, dtype) -> why grouped_mm has no kernel there (the error it raised)
+# RuntimeErrors aten's CUDA grouped_mm raises for what the loop can still compute (GroupedMMUtils.h,
+# Blas.cpp): no kernel for this GPU (kept per device and dtype), and a misaligned operand (this call only)
+NO_KERNEL_ERRORS = ("grouped mm is not supported",)
+MISALIGNED_ERRORS = ("expected data_ptr to be aligned",)
 
 
 def _warn_once(reason: str) -> None:
@@ -144,8 +148,9 @@ class GroupedExperts(nn.Module):
     loop, written in place, and no graph break under torch.compile, for one small host copy per GEMM
     (`moe.expert_impl=loop` has one per layer instead). The loop runs, with a warning naming the reason
     once per process, only where grouped_mm cannot: no grouped_mm in this torch, a dtype it does not
-    take, rows that are not 16-byte aligned, or no kernel for the device (NotImplementedError). Any
-    other error, an out-of-memory error included, propagates."""
+    take, rows or operands that are not 16-byte aligned, or no kernel for the device (NotImplementedError,
+    or CUDA's RuntimeErrors in NO_KERNEL_ERRORS / MISALIGNED_ERRORS). Any other error, an out-of-memory
+    error included, propagates."""
 
     def __init__(self, n_experts: int, d_model: int, hidden: int, impl: str = "grouped",
                  n_total: int | None = None, first: int = 0):
@@ -162,17 +167,26 @@ class GroupedExperts(nn.Module):
         x_ND = x_ND.to(dtype)
         w_gate, w_up, w_down = (w.to(dtype) for w in (self.w_gate, self.w_up, self.w_down))
         if self.impl == "grouped":
-            reason = self.fallback_reason(x_ND)
+            reason = self.fallback_reason(x_ND, w_gate, w_up, w_down)
             if reason is None:
                 try:
                     return self._grouped(x_ND, counts_E, w_gate, w_up, w_down)
                 except NotImplementedError as e:  # no kernel for this device: everything else propagates
                     _no_kernel[(x_ND.device.type, dtype)] = reason = f"grouped_mm is not implemented here ({e})"
+                except RuntimeError as e:
+                    msg = str(e)
+                    if any(m in msg for m in NO_KERNEL_ERRORS):
+                        _no_kernel[(x_ND.device.type, dtype)] = reason = f"grouped_mm is not supported here ({msg})"
+                    elif any(m in msg for m in MISALIGNED_ERRORS):
+                        reason = f"grouped_mm needs 16-byte aligned operands ({msg})"
+                    else:
+                        raise
             _warn_once(reason)
         return self._loop(x_ND, counts_E, w_gate, w_up, w_down)
 
-    def fallback_reason(self, x_ND: torch.Tensor) -> str | None:
-        """Why rows like `x_ND` (in their compute dtype) cannot take grouped_mm; None when they can."""
+    def fallback_reason(self, x_ND: torch.Tensor, *weights: torch.Tensor) -> str | None:
+        """Why rows like `x_ND` (in their compute dtype) times `weights` cannot take grouped_mm; None when
+        they can."""
         dev, dtype = x_ND.device.type, x_ND.dtype
         if GROUPED_MM is None:
             return f"torch {torch.__version__} has no grouped_mm (torch >= 2.8 has)"
@@ -183,6 +197,10 @@ class GroupedExperts(nn.Module):
         if d % row_elems or f % row_elems:
             return (f"grouped_mm needs 16-byte aligned rows: d_model {d} and expert_hidden {f} must be multiples "
                     f"of {row_elems} in {dtype}")
+        # a view into a larger buffer (a slice, an FSDP shard) may start off a 16-byte boundary; fake
+        # tensors (torch.compile tracing, the simulated rehearsal) have no address to check
+        if not torch.compiler.is_compiling() and any(not is_fake(t) and t.data_ptr() % 16 for t in (x_ND, *weights)):
+            return "grouped_mm needs 16-byte aligned operands: an input starts off a 16-byte boundary"
         return _no_kernel.get((dev, dtype))
 
     @staticmethod

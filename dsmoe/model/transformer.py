@@ -55,6 +55,16 @@ class ModelOutput:
     dropped: Optional[torch.Tensor]  # [n_moe_layers] assignments dropped by capacity
 
 
+RESIDUAL_PROJS = ("wo", "w_down")  # the projections that write into the residual stream
+
+
+def is_residual_proj(name: str) -> bool:
+    """Whether parameter `name` ("layers.3.attn.wo.weight", "layers.3.moe.experts.w_down") is a residual
+    projection. Decided by name: module swaps keep names but not attributes (torchao's
+    Float8Linear.from_float builds new modules)."""
+    return any(part in RESIDUAL_PROJS for part in name.split(".")[-2:])
+
+
 class Transformer(nn.Module):
     def __init__(self, cfg: Config, vocab_size: Optional[int] = None,
                  dispatcher_factory: Optional[Callable[[int], Dispatcher]] = None):
@@ -110,12 +120,11 @@ class Transformer(nn.Module):
             if isinstance(module, RMSNorm):
                 place(param, torch.ones(param.shape))
             elif isinstance(module, GroupedExperts):
-                w_std = resid_std if name.endswith("w_down") else std
+                w_std = resid_std if is_residual_proj(name) else std
                 rows = [_normal(param.shape[1:], w_std, seed, name, module.first + e) for e in range(param.shape[0])]
                 place(param, torch.stack(rows))
             else:
-                residual = getattr(module, "is_residual_proj", False)
-                place(param, _normal(param.shape, resid_std if residual else std, seed, name))
+                place(param, _normal(param.shape, resid_std if is_residual_proj(name) else std, seed, name))
 
     def forward(self, idx_BS: torch.Tensor, targets_BS: Optional[torch.Tensor] = None,
                 block_fn: Optional[Callable] = None) -> ModelOutput:

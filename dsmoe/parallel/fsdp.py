@@ -35,23 +35,34 @@ def dense_mesh(mesh: Mesh, replicate: int) -> DeviceMesh:
 
 
 def apply_fsdp(model: torch.nn.Module, mesh: Mesh, p: ParallelConfig, precision: str) -> torch.nn.Module:
-    """Shard `model` in place (its class changes; the object stays): experts over edp, each block,
-    then the root (embeddings, final norm, head)."""
+    """Shard `model` in place (its class changes; the object stays): experts over edp, each router, each
+    block, then the root (embeddings, final norm, head).
+
+    Under bf16/fp16 the parameters are gathered in that dtype and gradients reduced in fp32. The
+    numerics stay DDP's under autocast: no forward input is cast (`cast_forward_inputs=False`), the
+    embedding's output is made fp32 (an fp32 residual stream, as DDP's fp32 embedding gives), and each
+    router is its own unit gathered in fp32 (routing decisions on fp32 weights)."""
     dense = dense_mesh(mesh, p.replicate)
     experts_mesh = DeviceMesh.from_group(mesh.edp_group, mesh.device.type) if mesh.ep > 1 else None
     kwargs = {"reshard_after_forward": p.reshard_after_forward}
     if precision in _PARAM_DTYPE:  # compute in half precision, reduce gradients in fp32
-        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=_PARAM_DTYPE[precision], reduce_dtype=torch.float32)
+        kwargs = {**kwargs, "mp_policy": MixedPrecisionPolicy(param_dtype=_PARAM_DTYPE[precision],
+                                                              reduce_dtype=torch.float32, cast_forward_inputs=False)}
     if p.cpu_offload:
         if mesh.device.type != "cuda":
             raise ConfigError("parallel.cpu_offload moves GPU parameters to the host: it needs CUDA; "
                               "set parallel.cpu_offload=false on a CPU run")
         kwargs["offload_policy"] = CPUOffloadPolicy()
+    router_kwargs = {k: v for k, v in kwargs.items() if k != "mp_policy"}
     for block in model.layers:
-        if experts_mesh is not None and getattr(block, "is_moe", False):
-            fully_shard(block.ffn.experts, mesh=experts_mesh, **kwargs)
+        if getattr(block, "is_moe", False):
+            if experts_mesh is not None:
+                fully_shard(block.ffn.experts, mesh=experts_mesh, **kwargs)
+            fully_shard(block.ffn.router, mesh=dense, **router_kwargs)
         fully_shard(block, mesh=dense, **kwargs)
     fully_shard(model, mesh=dense, **kwargs)
+    if "mp_policy" in kwargs:
+        model.tok_embeddings.register_forward_hook(lambda module, args, out: out.float())
     return model
 
 

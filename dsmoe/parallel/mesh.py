@@ -60,6 +60,12 @@ class StartupError(RuntimeError):
     """The ranks could not form their process groups; the message names the likely cause and the fix."""
 
 
+def process_group_backend(device: torch.device) -> str:
+    """NCCL for CUDA tensors beside gloo for host ones (asynchronous checkpoint saves need a CPU backend);
+    gloo alone on the CPU."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+
+
 def init_mesh(device: str = "auto", ep: int = 1, timeout_s: int = 600, connect_timeout_s: int = 60) -> Mesh:
     """Read torchrun's environment, start the process group (NCCL on CUDA beside gloo for host tensors,
     gloo on CPU), build the groups. Creating them runs under `connect_timeout_s`, so an attempt that
@@ -79,9 +85,8 @@ def init_mesh(device: str = "auto", ep: int = 1, timeout_s: int = 600, connect_t
     connect = datetime.timedelta(seconds=connect_timeout_s)
     try:
         if not dist.is_initialized():
-            backend = "cpu:gloo,cuda:nccl" if dev.type == "cuda" else "gloo"
             kwargs = {"device_id": dev} if dev.type == "cuda" else {}
-            dist.init_process_group(backend, timeout=connect, **kwargs)
+            dist.init_process_group(process_group_backend(dev), timeout=connect, **kwargs)
         mesh.monitor_group = dist.new_group(backend="gloo", timeout=connect)
         if ep > 1:
             edp = world // ep

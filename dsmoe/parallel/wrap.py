@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from contextlib import contextmanager
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -130,3 +131,21 @@ def compile_blocks(model: torch.nn.Module, backend: str = "inductor", dynamic: O
         else:
             block.forward = compiled(block.forward)
     return model
+
+
+@contextmanager
+def eager_blocks(model: torch.nn.Module):
+    """Runs the functions `compile_blocks` compiled uncompiled while inside; restored on exit.
+
+    Cached generation calls each block with its own attention closure and reads `block.layer`: dynamo
+    guards on both (and on grad mode), so a compiled block would recompile once per layer per sample,
+    then give up to eager after its recompile limit. Generation is a few small steps: eager is cheaper."""
+    swapped = [(m, name, fn) for m in model.modules() for name, fn in list(vars(m).items())
+               if hasattr(fn, "_torchdynamo_orig_callable")]
+    for m, name, fn in swapped:
+        setattr(m, name, fn._torchdynamo_orig_callable)
+    try:
+        yield
+    finally:
+        for m, name, fn in swapped:
+            setattr(m, name, fn)

@@ -10,7 +10,9 @@ from dsmoe.config import ConfigError
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def resolve_precision(requested: str, device: torch.device) -> str:
+def resolve_precision(requested: str, device: torch.device, tf32: bool = True) -> str:
+    """The precision `requested` (train.precision) resolves to on `device`; sets fp32's matmul precision
+    on sm_80+ (TF32 unless `tf32` is False). Raises ConfigError for bf16 below sm_80."""
     if device.type != "cuda":
         return "fp32" if requested == "auto" else requested
     major, minor = torch.cuda.get_device_capability(device)
@@ -22,9 +24,20 @@ def resolve_precision(requested: str, device: torch.device) -> str:
                           f"runs emulated bf16 matmuls ~17x slower: use train.precision=fp16 (or auto)")
     if requested == "fp32" and major >= 8:
         # fp32 matmuls on TF32 tensor cores (10-bit mantissa inputs, fp32 accumulate): ~8x the plain fp32
-        # rate; MFU then rates against the TF32 peak (dsmoe.metrics.throughput)
-        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        # rate; MFU then rates against the TF32 peak (dsmoe.metrics.throughput). One API only: this one
+        # keeps the legacy flags (which inductor reads) and the per-backend fp32_precision consistent;
+        # setting fp32_precision alone makes get_float32_matmul_precision() raise
+        torch.set_float32_matmul_precision("high" if tf32 else "highest")
     return requested
+
+
+def eval_precision(trained: str, device: torch.device) -> str:
+    """The precision to evaluate a checkpoint trained in `trained` on `device`: the training one, except
+    bf16 on a GPU without bf16 tensor cores (T4, sm_75), which evaluates in fp32 rather than in emulated
+    bf16 (~17x slower) or fp16 (activations a bf16 run never kept inside fp16's range can overflow)."""
+    if trained == "bf16" and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
+        return "fp32"
+    return resolve_precision(trained, device)
 
 
 def autocast(precision: str, device: torch.device):

@@ -169,8 +169,10 @@ def write_shards(tensors: dict, directory: Path, group: Optional[dist.ProcessGro
 
 
 def host_stager(device: torch.device) -> AsyncStager:
-    """The host copy an asynchronous save writes from, kept between saves (DCP caches its buffers per
-    source storage), so a save only copies into it: pinned, with non-blocking copies, on CUDA."""
+    """The host copy an asynchronous save writes from, kept between saves, so a save only copies into it:
+    pinned, with non-blocking copies, on CUDA. DCP's stager keeps one buffer per source storage (the live
+    parameters' and optimizer moments') until its close(), which dcp.async_save calls only on a stager it
+    created itself (torch 2.13; tests/test_checkpoint_scale.py checks the reuse)."""
     cuda = device.type == "cuda"
     return DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False, use_async_staging=False,
                                         use_non_blocking_copy=cuda))

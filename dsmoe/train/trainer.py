@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from dsmoe.config import Config, ConfigError, dump_yaml
 from dsmoe.data import get_tokenizer, padded_vocab_size
+from dsmoe.estimate import device_margin_warning
 from dsmoe.metrics.logger import RunLogger, fmt_tokens
 from dsmoe.metrics.row import log_row
 from dsmoe.metrics.trackers import Trackers
@@ -67,7 +68,7 @@ class Trainer:
         self.log = RunLogger(None, self.mesh.rank, 0, "off")  # until fit() opens the run's files
         self.resumed_from = decide(self.mesh, lambda: resolve_resume(resume, self.run_dir))  # one decider
         self.lineage = self._claim(write=False)  # refuse before any work: nothing written yet
-        self.precision = resolve_precision(t.precision, self.device)
+        self.precision = resolve_precision(t.precision, self.device, t.tf32)
         self.tokenizer = get_tokenizer(cfg.data.tokenizer)
         self.vocab_size = cfg.model.vocab_size or padded_vocab_size(self.tokenizer.vocab_size)
         if self.vocab_size < self.tokenizer.vocab_size:
@@ -318,6 +319,9 @@ class Trainer:
         log.header(self.header())
         if self.batch_change:
             log.warn(self.batch_change)
+        margin = device_margin_warning(cfg, self.mesh.world, self.mesh.ep, self.device)
+        if margin:
+            log.warn(margin)
         history, saved, stopped = [], None, None
         started, began, earlier = p.step, time.perf_counter(), p.seconds
         interval = {"steps": 0, "seconds": 0.0}
