@@ -41,7 +41,8 @@ class Sampling(BaseModel):
     logit_bias: Optional[dict[StrictStr, Number]] = None
     stop: Optional[Union[StrictStr, list[StrictStr]]] = None
     seed: Optional[StrictInt] = None
-    n: StrictInt = Field(1, ge=1, le=MAX_N, description="completions per prompt; with a seed, prompt i's choice j draws from prompt_seed(seed, i * n + j)")
+    n: StrictInt = Field(1, ge=1, le=MAX_N, description="completions per prompt; with a seed, prompt i's choice j "
+                                                        "draws from prompt_seed(seed, i * n + j)")
     stream: StrictBool = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[StrictStr] = None  # an end-user id for the caller's own records; changes nothing here
