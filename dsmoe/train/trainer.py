@@ -33,6 +33,7 @@ from dsmoe.train.init_from import load_weights
 from dsmoe.train.guard import Guard, GuardPolicy, params_all_finite
 from dsmoe.train.optim import build_optimizer, clip_grad_norm
 from dsmoe.train.data import TrainData
+from dsmoe.train.run_lock import RunLock
 from dsmoe.train.precision import apply_fp8, autocast, grad_scaler, resolve_precision
 from dsmoe.train.sharded_checkpoint import ShardedState, load_meta
 from dsmoe.train.signals import StopRequest
@@ -107,7 +108,10 @@ class Trainer:
         saved = self.restore(self.resumed_from) if self.resumed_from is not None else None
         self.schedule = schedule_of(saved, t)
         self.schedule_change = self.schedule.extend(self.progress.sched_step)
+        self.run_lock = RunLock(self.run_dir)
+        decide(self.mesh, self.run_lock.acquire)  # rank 0 holds it; a refusal is raised on every rank
         self.lineage = self._claim(write=True)
+        decide(self.mesh, self.run_lock.acquire)  # again if run.overwrite moved the directory aside
         self.wrapped = self.model if self.fsdp else wrap_ddp(self.model, self.mesh, cfg.parallel, ignore=expert_names)
         if t.compile:
             compile_blocks(self.wrapped)
@@ -339,6 +343,7 @@ class Trainer:
         finally:
             log.close()
             self.trackers.close()
+            self.run_lock.release()
         result = {"history": history, "step": p.step, "stopped": stopped, "checkpoint": saved,
                   "seconds": time.perf_counter() - began, "tokens": (p.step - started) * self.tokens_per_step}
         self.log = RunLogger(None, self.mesh.rank, 0, "off")
