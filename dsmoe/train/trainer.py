@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from dsmoe.config import Config, ConfigError, dump_yaml
 from dsmoe.data import get_tokenizer, padded_vocab_size
-from dsmoe.metrics.logger import RunLogger, fmt_tokens
+from dsmoe.metrics.logger import LineFile, RunLogger, fmt_tokens
 from dsmoe.metrics.row import log_row
 from dsmoe.metrics.trackers import Trackers
 from dsmoe.metrics.throughput import StepTimer, device_label, peak_tflops
@@ -381,8 +381,11 @@ class Trainer:
                                f"Check those ranks' logs; parallel.step_timeout_s sets the limit.\n{e}") from e
 
     def _write_samples(self, samples: list[dict]) -> None:
-        with open(self.run_dir / "samples.jsonl", "a") as f:
+        f = LineFile(self.run_dir / "samples.jsonl")
+        try:
             for s in samples:
                 f.write(json.dumps(s) + "\n")
                 self.log.print(f"sample @ {s['step']}:\n{s['prompt']}{s['text']}\n", style="green")
+        finally:
+            f.close()
 
