@@ -1,6 +1,6 @@
 """What the training launchers share: arguments, threads, clean errors, stops and the end-of-run summary.
 
-Exit codes: 0 done; 2 a config, checkpoint or run-directory error (nothing written); 3 the guard aborted
+Exit codes: 0 done; 2 a config, checkpoint, data or run-directory error (nothing written); 3 the guard aborted
 or out of memory; 4 the ranks could not connect (the message names the cause and the fix); 75 stopped on
 request (SIGINT/SIGTERM/SIGUSR1) with a checkpoint: rerun with --resume auto; 130 a second Ctrl-C.
 """
@@ -163,6 +163,7 @@ def warn_restart_store() -> None:
 
 def run_training(argv: list[str], description: str) -> int:
     """Build the trainer from the command line and train; see the module docstring for exit codes."""
+    from dsmoe.data.sources import DataError
     from dsmoe.parallel.mesh import StartupError, shutdown
     from dsmoe.train.checkpoint import CheckpointError
     from dsmoe.train.guard import TrainingAborted
@@ -187,7 +188,7 @@ def run_training(argv: list[str], description: str) -> int:
             for line in summary(trainer, result, argv):
                 print(line, flush=True)
         return EXIT_STOPPED if result["stopped"] else 0
-    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, DataError, FileNotFoundError) as e:
         say_error(str(e))
         return 2
     except TrainingAborted as e:
