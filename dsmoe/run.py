@@ -27,7 +27,7 @@ import sys
 
 from dsmoe.train.signals import EXIT_INTERRUPTED, EXIT_STOPPED, STOP_SIGNALS
 
-EXIT_STATUSES = {0: "done", 2: "config, checkpoint or run-directory error", 3: "the guard aborted, or out of memory",
+EXIT_STATUSES = {0: "done", 2: "config, checkpoint, data or run-directory error", 3: "the guard aborted, or out of memory",
                  4: "the ranks could not connect", 75: "stopped with a checkpoint", 130: "a second Ctrl-C"}
 FINAL = {2, 3, EXIT_STOPPED, EXIT_INTERRUPTED}  # statuses a restart cannot change
 LAUNCHER_ENV = "DSMOE_LAUNCHER"  # the command before the training script, for the ranks' resume line
@@ -65,6 +65,7 @@ def failure_message(failure) -> str | None:
 
 
 def describe(status: int) -> str:
+    """A rank's exit status in words."""
     if status in EXIT_STATUSES:
         return EXIT_STATUSES[status]
     if status > 128:
@@ -133,8 +134,8 @@ class Launcher:
         from torch.distributed.run import run
 
         os.environ[LAUNCHER_ENV] = self.launcher_command()
-        # torchrun logs each failed rank as an error; dsmoe's line below says what happened
-        logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+        # torchrun logs each rank's exit and the signals it sends them; dsmoe's last line says what happened
+        logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
         self._patch_torch()
         try:
             run(self.args)
