@@ -30,21 +30,32 @@ class RunLock:
     def __init__(self, run_dir: Path):
         self.path = Path(run_dir).resolve() / LOCK_FILE
         self.file = None
+        self.recorded = False
+        if fcntl is None:
+            print(f"warning: no file locks on {sys.platform}: nothing stops a second run writing into "
+                  f"{self.path.parent}", file=sys.stderr)
 
-    def acquire(self) -> None:
-        """Take the lock (rank 0), writing this process's pid and host into the file.
+    def acquire(self, record: bool = True) -> None:
+        """Take the lock (rank 0); with `record`, write this process's pid and host into the file. A run
+        that moves its directory aside (run.overwrite) takes it without recording, so the old directory
+        moves unchanged, then again in the new directory.
 
         Raises RunDirError naming the holder when another process holds it."""
-        if self.file is not None and self.path.exists():
-            return
+        if fcntl is not None and (self.file is None or not self.path.exists()):
+            self._lock()
+        if record and self.file is not None and not self.recorded:
+            self.file.seek(0)
+            self.file.truncate()
+            self.file.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                        "since": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+            self.file.flush()
+            self.recorded = True
+
+    def _lock(self) -> None:
         self.release()
         previous = _HELD.pop(self.path, None)
         if previous is not None:  # one process, trainers in turn (a notebook, tests): the newest writes
             previous.release()
-        if fcntl is None:
-            print(f"warning: no file locks on {sys.platform}: nothing stops a second run writing into "
-                  f"{self.path.parent}", file=sys.stderr)
-            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         f = open(self.path, "a+")
         try:
@@ -61,12 +72,7 @@ class RunLock:
             print(f"warning: cannot lock {self.path} ({e}): nothing stops a second run writing there",
                   file=sys.stderr)
             return
-        f.seek(0)
-        f.truncate()
-        f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                            "since": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
-        f.flush()
-        self.file = f
+        self.file, self.recorded = f, False
         _HELD[self.path] = self
 
     def release(self) -> None:

@@ -109,9 +109,9 @@ class Trainer:
         self.schedule = schedule_of(saved, t)
         self.schedule_change = self.schedule.extend(self.progress.sched_step)
         self.run_lock = RunLock(self.run_dir)
-        decide(self.mesh, self.run_lock.acquire)  # rank 0 holds it; a refusal is raised on every rank
+        decide(self.mesh, lambda: self.run_lock.acquire(record=False))  # rank 0; refusals raised on every rank
         self.lineage = self._claim(write=True)
-        decide(self.mesh, self.run_lock.acquire)  # again if run.overwrite moved the directory aside
+        decide(self.mesh, self.run_lock.acquire)  # pid and host; anew if run.overwrite moved the directory aside
         self.wrapped = self.model if self.fsdp else wrap_ddp(self.model, self.mesh, cfg.parallel, ignore=expert_names)
         if t.compile:
             compile_blocks(self.wrapped)
