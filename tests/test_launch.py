@@ -19,8 +19,8 @@ from dsmoe.train.trainer import Trainer
 from test_lifecycle import digests, wait_for_step, worker_pids
 
 
-def dsmoe_run_cmd(run_dir, cache, *extra: str, world: int = 2) -> list[str]:
-    return [sys.executable, "-m", "dsmoe.run", "--standalone", "--nproc_per_node", str(world),
+def dsmoe_run_cmd(run_dir, cache, *extra: str, world: int = 2, torchrun_flags: tuple = ()) -> list[str]:
+    return [sys.executable, "-m", "dsmoe.run", "--standalone", "--nproc_per_node", str(world), *torchrun_flags,
             str(REPO / "launch" / "train_ddp.py"), *small_args(run_dir, cache, *extra)]
 
 
@@ -30,12 +30,14 @@ def output_lines(text: str) -> list[str]:
 
 def test_ctrl_c_of_the_terminal_group_stops_with_75_and_ends_with_the_resume_line(tmp_path, data_cache):
     """SIGINT to the whole process group (what a terminal's Ctrl-C does) of a world-2 run: a checkpoint at
-    or after the step reached, exit 75, the resume command as the last line, no traceback; running that
-    command gives the uninterrupted run's losses."""
+    or after the step reached, exit 75, the resume command as the last line, no traceback, no restart
+    (a restarted attempt would be refused: the directory holds a run); running that command gives the
+    uninterrupted run's losses."""
     d, ref = tmp_path / "run", tmp_path / "ref"
     args = ("--train.steps=6", "--checkpoint.every=0")
-    proc = subprocess.Popen(dsmoe_run_cmd(d, data_cache, *args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=ENV, start_new_session=True)  # its own group, as a terminal's job
+    proc = subprocess.Popen(dsmoe_run_cmd(d, data_cache, *args, torchrun_flags=("--max-restarts", "2")),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
+                            start_new_session=True)  # its own group, as a terminal's job
     wait_for_step(d, 2, proc)
     os.killpg(proc.pid, signal.SIGINT)
     out, _ = proc.communicate(timeout=300)
@@ -45,7 +47,8 @@ def test_ctrl_c_of_the_terminal_group_stops_with_75_and_ends_with_the_resume_lin
     step = int(ckpt.name[5:12])
     assert 2 <= step < 6 and f"stopped at step {step}" in out
     last = output_lines(out)[-1]
-    assert last.startswith("stopped with a checkpoint (SIGINT): exit 75; resume: python -m dsmoe.run --standalone")
+    assert last.startswith("stopped with a checkpoint (SIGINT): exit 75; resume: python -m dsmoe.run --standalone "
+                           "--nproc_per_node 2 --max-restarts 2 ")
     assert last.endswith("--resume auto") and "--checkpoint.every=0" in last
     resumed = run(dsmoe_run_cmd(d, data_cache, *args, "--resume", "auto"))
     assert resumed.returncode == 0, resumed.stderr
