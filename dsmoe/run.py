@@ -9,8 +9,9 @@ request or met a config error. Here torchrun's agent runs in this process with t
 - SIGINT, SIGTERM and SIGUSR1 go to the ranks only (they run in their own session, so a terminal's
   Ctrl-C reaches this process alone): the ranks agree to stop after the step with a checkpoint; a
   second Ctrl-C reaches them as their second SIGINT (out at once).
-- a rank that exits with one of dsmoe's own statuses (2, 3, 75, 130) is not restarted: rerunning
-  cannot change a config error, a guard abort or a stop request.
+- a rank that exits with one of dsmoe's own statuses (2, 3, 75, 130), or any exit after a stop
+  request, is not restarted: rerunning cannot change a config error or a guard abort, and a stop was
+  asked for.
 - the exit status is the ranks' own (see EXIT_STATUSES), and the last line printed is dsmoe's: the
   resume command, or the ranks' error message (read from torchrun's per-rank error file) with no
   torchrun traceback. A rank killed by a signal S gives 128 + S; a crash keeps its traceback, status 1.
@@ -96,8 +97,8 @@ class Launcher:
         def monitor_workers(agent, worker_group):
             launcher.agent = agent
             result = monitor(agent, worker_group)
-            if any(f.exitcode in FINAL for f in (result.failures or {}).values()):
-                agent._remaining_restarts = 0
+            if launcher.stop_signal or any(f.exitcode in FINAL for f in (result.failures or {}).values()):
+                agent._remaining_restarts = 0  # after a stop request, or a deliberate exit: never restart
             return result
 
         def on_signal(signum, frame):
