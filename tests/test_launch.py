@@ -70,9 +70,9 @@ def test_sigkill_of_the_launcher_stops_its_ranks_with_a_checkpoint(tmp_path, dat
     """torchrun killed with SIGKILL: its ranks get SIGTERM (parent-death signal), agree to stop, write a
     checkpoint and exit, instead of training on re-parented to PID 1."""
     d = tmp_path / "run"
-    log = open(tmp_path / "out.txt", "w")
-    proc = subprocess.Popen(torchrun_cmd(d, data_cache, "--train.steps=200"), stdout=log, stderr=log, env=ENV,
-                            start_new_session=True)
+    with open(tmp_path / "out.txt", "w") as log:
+        proc = subprocess.Popen(torchrun_cmd(d, data_cache, "--train.steps=200"), stdout=log, stderr=log, env=ENV,
+                                start_new_session=True)
     wait_for_step(d, 1, proc)
     ranks = worker_pids(proc.pid)
     proc.kill()
