@@ -66,26 +66,28 @@ def _imbalance(row: dict) -> list[float]:
 
 
 def _read_rows(path: Path) -> tuple[list[dict], list[dict]]:
-    """(train rows, validation rows) by step; a truncated last line (a run killed mid-write) is skipped."""
+    """(train rows, validation rows) by step. Lines that are not rows (torn by a crash mid-write, not
+    UTF-8, not JSON) are skipped, and the count is printed."""
     if not path.is_file():
         hint = " (is it a run directory? training writes metrics.jsonl there)" if path.parent.is_dir() else ""
         raise FileNotFoundError(f"{path} not found{hint}")
-    lines = path.read_text().splitlines()
     train: dict[int, dict] = {}
     val: dict[int, dict] = {}
-    for number, line in enumerate(lines, start=1):
+    skipped = []
+    for number, line in enumerate(path.read_bytes().splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            if number == len(lines):
-                continue
-            raise ValueError(f"{path}:{number} is not a JSON row ({e}); repair or remove that line") from e
-        if not isinstance(row, dict) or "step" not in row:
-            raise ValueError(f"{path}:{number} is not a metrics row (no 'step')")
+            row = json.loads(line.decode("utf-8"))
+            step = int(row["step"])
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError):
+            skipped.append(number)
+            continue
         target = val if "val_loss" in row and "loss" not in row else train
-        target[int(row["step"])] = row
+        target[step] = row
+    if skipped:
+        print(f"warning: {path}: skipped {len(skipped)} unreadable line(s), not metrics rows (torn or damaged): "
+              f"line {', '.join(map(str, skipped[:10]))}" + (" ..." if len(skipped) > 10 else ""), file=sys.stderr)
     if not train and not val:
         raise ValueError(f"{path} holds no metrics rows yet: the run has not logged a step")
     return [train[s] for s in sorted(train)], [val[s] for s in sorted(val)]
@@ -125,7 +127,7 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
 
     Raises:
         FileNotFoundError: a run directory without metrics.jsonl.
-        ValueError: a metrics file with no rows or a damaged line.
+        ValueError: a metrics file with no rows.
         ImportError: matplotlib is not installed.
     """
     runs = load_runs(run_dirs)

@@ -1,6 +1,6 @@
 """What the training launchers share: arguments, threads, clean errors, stops and the end-of-run summary.
 
-Exit codes: 0 done; 2 a config, checkpoint or run-directory error (nothing written); 3 the guard aborted
+Exit codes: 0 done; 2 a config, checkpoint, data or run-directory error (nothing written); 3 the guard aborted
 or out of memory; 4 the ranks could not connect (the message names the cause and the fix); 75 stopped on
 request (SIGINT/SIGTERM/SIGUSR1) with a checkpoint: rerun with --resume auto; 130 a second Ctrl-C.
 """
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import sys
 from pathlib import Path
 
@@ -17,6 +16,8 @@ if str(REPO) not in sys.path:  # run as `python launch/x.py` from a checkout
     sys.path.insert(0, str(REPO))
 
 from dsmoe.config import CONFIG_ROOT, ConfigError, help_text, load_config, load_yaml_tree  # noqa: E402
+from dsmoe.run import LAUNCHER_ENV  # noqa: E402
+from dsmoe.run import resume_command as run_command  # noqa: E402
 
 DEFAULT_CONFIG = CONFIG_ROOT / "runs" / "tiny-shakespeare.yaml"
 RANK = int(os.environ.get("RANK", "0"))
@@ -26,14 +27,16 @@ WORLD = int(os.environ.get("WORLD_SIZE", "1"))
 def say_error(text: str, agreed: bool = True) -> None:
     """One clean message: rank 0's for errors every rank meets alike, else each failing rank's, prefixed.
     Under torchrun it also goes to the worker's error file, so torchrun's failure summary quotes it
-    instead of a traceback (torchrun still prints its own ChildFailedError epilogue)."""
+    instead of a traceback (plain torchrun still prints its own ChildFailedError epilogue; python -m
+    dsmoe.run prints only this message, once)."""
     if agreed and RANK != 0:
         import time
 
         time.sleep(3)  # torchrun stops every rank once one exits: let rank 0 say it first
         return
     prefix = f"[rank {RANK}] " if WORLD > 1 and not agreed else ""
-    print(f"{prefix}error: {text}", file=sys.stderr, flush=True)
+    if not (agreed and os.environ.get(LAUNCHER_ENV)):  # python -m dsmoe.run prints rank 0's message last
+        print(f"{prefix}error: {text}", file=sys.stderr, flush=True)
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if error_file and not os.path.exists(error_file):
         import json
@@ -115,26 +118,17 @@ def set_cpu_threads(requested: int = 0) -> int:
 
 
 def resume_command(argv: list[str]) -> str:
-    """This launch again with --resume auto (torchrun's own flags as the usual single-node form), or
+    """This launch again with --resume auto (under plain torchrun, its usual single-node form), or
     DSMOE_RESUME_COMMAND where a wrapper that takes no --resume set it (`make train` says `make resume`)."""
     if os.environ.get("DSMOE_RESUME_COMMAND"):
         return os.environ["DSMOE_RESUME_COMMAND"]
-    rest, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == "--resume":
-            skip = True
-        elif not a.startswith("--resume="):
-            rest.append(a)
     script = os.path.relpath(sys.argv[0])
-    if WORLD > 1:
+    launcher = os.environ.get(LAUNCHER_ENV)
+    if launcher is None and WORLD > 1:
         nodes = int(os.environ.get("GROUP_WORLD_SIZE", "1"))
         launcher = (f"torchrun --nproc_per_node {os.environ.get('LOCAL_WORLD_SIZE', WORLD)} "
-                    + ("--standalone " if nodes == 1 else f"--nnodes {nodes} ... "))
-    else:
-        launcher = "python "
-    return launcher + " ".join([script, *map(shlex.quote, rest), "--resume", "auto"])
+                    + ("--standalone" if nodes == 1 else f"--nnodes {nodes} ..."))
+    return run_command(launcher or "python", script, argv)
 
 
 def summary(trainer, result: dict, argv: list[str]) -> list[str]:
@@ -176,11 +170,13 @@ def warn_restart_store() -> None:
 
 def run_training(argv: list[str], description: str) -> int:
     """Build the trainer from the command line and train; see the module docstring for exit codes."""
+    from dsmoe.data.sources import DataError
     from dsmoe.parallel.mesh import StartupError, shutdown
     from dsmoe.train.checkpoint import CheckpointError
     from dsmoe.train.guard import TrainingAborted
-    from dsmoe.train.signals import EXIT_INTERRUPTED, EXIT_STOPPED
+    from dsmoe.train.signals import EXIT_INTERRUPTED, EXIT_STOPPED, stop_with_launcher
 
+    stop_with_launcher()
     args, cfg = parse_args(argv, description)
     set_cpu_threads(cfg.train.threads)
     warn_restart_store()
@@ -199,7 +195,7 @@ def run_training(argv: list[str], description: str) -> int:
             for line in summary(trainer, result, argv):
                 print(line, flush=True)
         return EXIT_STOPPED if result["stopped"] else 0
-    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, DataError, FileNotFoundError) as e:
         say_error(str(e))
         return 2
     except TrainingAborted as e:

@@ -11,4 +11,4 @@ export TORCH_NCCL_TRACE_BUFFER_SIZE="${TORCH_NCCL_TRACE_BUFFER_SIZE:-2000}" TORC
 export TORCH_FR_DUMP_TEMP_FILE="${TORCH_FR_DUMP_TEMP_FILE:-$PWD/runs/nccl_trace_rank_}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-12}"  # 48 vCPUs shared by 4 ranks
 mkdir -p runs
-exec torchrun --standalone --max-restarts 3 --nproc_per_node 4 launch/train_ddp.py --config configs/hardware/g4dn_12xlarge.yaml "$@"
+exec python -m dsmoe.run --standalone --max-restarts 3 --nproc_per_node 4 launch/train_ddp.py --config configs/hardware/g4dn_12xlarge.yaml "$@"

@@ -11,4 +11,4 @@ export TORCH_NCCL_TRACE_BUFFER_SIZE="${TORCH_NCCL_TRACE_BUFFER_SIZE:-2000}" TORC
 export TORCH_FR_DUMP_TEMP_FILE="${TORCH_FR_DUMP_TEMP_FILE:-$PWD/runs/nccl_trace_rank_}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
 mkdir -p runs
-exec torchrun --standalone --max-restarts 3 --nproc_per_node 8 launch/train_ddp.py --config configs/hardware/h100_node.yaml "$@"
+exec python -m dsmoe.run --standalone --max-restarts 3 --nproc_per_node 8 launch/train_ddp.py --config configs/hardware/h100_node.yaml "$@"

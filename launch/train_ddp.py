@@ -21,6 +21,9 @@ Paste the command for your machine:
 Every flag of launch/train.py works here: --config, --resume PATH|auto, --dry-run, --section.field=value.
 Rank 0 logs; every rank writes its shards of the checkpoints (one DCP directory per step at world > 1);
 other ranks print warnings and errors only. Exit codes: see launch/common.py (75 = stopped with a checkpoint).
+`python -m dsmoe.run` takes torchrun's flags and keeps them through torchrun: Ctrl-C ends with status 75
+and the resume command, a config error with status 2 and its one message (plain torchrun exits 1 and
+adds its traceback), and a rank that stopped on request is not restarted.
 """
 import os
 import sys

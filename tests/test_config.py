@@ -72,3 +72,42 @@ def test_a_union_field_takes_words_and_uris():
     """log.mlflow is Literal["off", "on"] or a URI: YAML's on/off (booleans) stay words, a URI stays itself."""
     for given, want in (("on", "on"), ("off", "off"), ("true", "on"), ("sqlite:///m.db", "sqlite:///m.db")):
         assert load_config(None, [f"--log.mlflow={given}"]).log.mlflow == want
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--train.lr=inf", "train.lr=inf must be a finite number > 0"),
+    ("--train.lr=nan", "train.lr=nan must be a finite number > 0"),
+    ("--train.lr=-0.001", "train.lr=-0.001 must be a finite number > 0"),
+    ("--train.min_lr_ratio=1.5", "0 <= train.min_lr_ratio <= 1"),
+    ("--train.grad_clip=-1", "train.grad_clip=-1.0 must be a finite number >= 0: 0 turns clipping off"),
+    ("--train.weight_decay=nan", "train.weight_decay=nan must be a finite number >= 0"),
+    ("--train.eps=0", "train.eps=0.0 must be a finite number > 0"),
+    ("--train.beta2=1", "train.beta2=1.0 must be in [0, 1)"),
+    ("--checkpoint.every=-5", "checkpoint.every=-5 must be >= 0 (steps between them; 0 = off)"),
+    ("--train.eval_every=-1", "train.eval_every=-1 must be >= 0"),
+    ("--train.sample_every=-1", "train.sample_every=-1 must be >= 0"),
+    ("--train.log_every=0", "train.log_every=0 must be >= 1"),
+    ("--train.stop_after=0", "train.stop_after=0 must be >= 1 or null"),
+    ("--train.sample_tokens=300", "train.sample_tokens=300 leaves no room for a prompt in model.max_seq_len=256: "
+                                  "lower it below 256"),
+    ("--train.temperature=-1", "train.temperature=-1.0 must be a finite number >= 0: 0 samples greedily"),
+    ("--model.norm_eps=0", "model.norm_eps=0.0 must be a finite number > 0"),
+    ("--moe.z_loss_coef=-1", "moe.z_loss_coef=-1.0 must be a finite number >= 0: 0 turns it off"),
+    ("--guard.spike_zscore=inf", "guard.spike_zscore=inf must be a finite number >= 0"),
+    ("--data.shuffle_buffer=0", "data.shuffle_buffer must be >= 1"),
+    ("--data.streams=0", "data.streams=0 must be >= 1 or null"),
+    ("--log.peak_tflops=-5", "log.peak_tflops=-5.0 must be a finite number > 0"),
+])
+def test_out_of_range_numbers_are_refused_at_load_naming_the_field_and_fix(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(CONFIG_ROOT / "runs" / "tiny-shakespeare.yaml", [override])
+    assert message in str(e.value)
+
+
+def test_dry_run_refuses_an_infinite_learning_rate_with_exit_2(tmp_path):
+    from conftest import REPO
+
+    out = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), "--dry-run", "--train.lr=inf",
+                          f"--run.dir={tmp_path / 'r'}"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "train.lr=inf must be a finite number > 0" in out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "r").exists()

@@ -68,8 +68,19 @@ def test_missing_or_empty_metrics_get_clear_errors(tmp_path, capsys):
     (tmp_path / "metrics.jsonl").write_text("\n")
     with pytest.raises(ValueError, match="holds no metrics rows yet"):
         plot_runs([tmp_path], tmp_path / "out")
-    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2}\nnot json\n{"step": 2, "loss": 1}\n')
-    with pytest.raises(ValueError, match=r"metrics.jsonl:2 is not a JSON row"):
-        plot_runs([tmp_path], tmp_path / "out")
     assert main([str(tmp_path / "nowhere")]) == 2
     assert "nowhere/metrics.jsonl not found" in capsys.readouterr().err
+
+
+def test_damaged_lines_are_skipped_and_counted(tmp_path, capsys):
+    """A row glued onto a torn one, a non-UTF-8 line, a JSON line without a step, a torn last line."""
+    good = [{"step": 1, "loss": 2.0}, {"step": 3, "loss": 1.0}, {"step": 4, "loss": 0.5}]
+    (tmp_path / "metrics.jsonl").write_bytes(
+        (json.dumps(good[0]) + '\n{"step": 2, "lo{"step": 2, "loss": 1.5}\n').encode()
+        + b'{"step": 2, "note": "caf\xe9"}\n' + (json.dumps(good[1]) + "\n[1, 2]\n" + json.dumps(good[2])
+                                                  + '\n{"step": 5, "lo').encode())
+    (run,) = load_runs([tmp_path])
+    assert run.series("loss") == ([1, 3, 4], [2.0, 1.0, 0.5])
+    err = capsys.readouterr().err
+    assert "skipped 4 unreadable line(s)" in err and "line 2, 3, 5, 7" in err
+    assert main([str(tmp_path), "--out", str(tmp_path / "plots")]) == 0

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from dsmoe.config.schema import Config, ConfigError
 
@@ -66,6 +67,7 @@ def validate(cfg: Config) -> None:
         need(e.n_routed_experts % cfg.parallel.ep == 0,
              f"moe.n_routed_experts={e.n_routed_experts} is not divisible by parallel.ep={cfg.parallel.ep}: "
              f"choose an ep that divides it")
+    _check_ranges(cfg, need)
     need(0 < cfg.data.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
     need(t.warmup_steps >= 0 and 0 <= t.min_lr_ratio <= 1, "train.warmup_steps >= 0 and 0 <= train.min_lr_ratio <= 1")
     g = cfg.guard
@@ -79,3 +81,45 @@ def validate(cfg: Config) -> None:
     need(min(p.connect_timeout_s, p.timeout_s, p.step_timeout_s) > 0,
          "parallel.connect_timeout_s, parallel.timeout_s and parallel.step_timeout_s must be positive")
 
+
+
+def _check_ranges(cfg: Config, need) -> None:
+    """Numbers that are legal Python but would diverge, divide by zero or fail mid-run: refused at start
+    (and by --dry-run), since a NaN learning rate or a zero interval is never what was meant."""
+    def finite(name: str, v, low: float, strict: bool, fix: str) -> None:
+        ok = v is not None and math.isfinite(v) and (v > low if strict else v >= low)
+        need(ok, f"{name}={v} must be a finite number {'>' if strict else '>='} {low:g}: {fix}")
+
+    m, e, t, d, p = cfg.model, cfg.moe, cfg.train, cfg.data, cfg.parallel
+    finite("train.lr", t.lr, 0, True, "set the peak learning rate, e.g. --train.lr=3e-4")
+    finite("train.eps", t.eps, 0, True, "AdamW's epsilon, e.g. 1e-8")
+    finite("train.weight_decay", t.weight_decay, 0, False, "0 turns weight decay off")
+    finite("train.grad_clip", t.grad_clip, 0, False, "0 turns clipping off")
+    for name, beta in (("train.beta1", t.beta1), ("train.beta2", t.beta2)):
+        need(0 <= beta < 1, f"{name}={beta} must be in [0, 1), e.g. 0.9 (beta1) or 0.95 (beta2)")
+    finite("train.temperature", t.temperature, 0, False, "0 samples greedily")
+    need(t.log_every >= 1, f"train.log_every={t.log_every} must be >= 1 (steps between logged rows)")
+    for name, every in (("train.eval_every", t.eval_every), ("train.sample_every", t.sample_every),
+                        ("checkpoint.every", cfg.checkpoint.every)):
+        need(every >= 0, f"{name}={every} must be >= 0 (steps between them; 0 = off)")
+    need(t.eval_batches >= 1 or not t.eval_every, f"train.eval_batches={t.eval_batches} must be >= 1 "
+         f"(or set train.eval_every=0 to skip validation)")
+    need(t.stop_after is None or t.stop_after >= 1, f"train.stop_after={t.stop_after} must be >= 1 or null")
+    need(t.sample_top_k >= 0 and t.threads >= 0, "train.sample_top_k and train.threads must be >= 0 (0 = off / auto)")
+    if t.sample_every:  # a prompt longer than the rest keeps its last tokens; at least one must fit
+        need(1 <= t.sample_tokens < m.max_seq_len,
+             f"train.sample_tokens={t.sample_tokens} leaves no room for a prompt in model.max_seq_len="
+             f"{m.max_seq_len}: lower it below {m.max_seq_len} (or raise model.max_seq_len, or set "
+             f"train.sample_every=0)")
+    for name, v in (("model.rope_theta", m.rope_theta), ("model.norm_eps", m.norm_eps),
+                    ("model.init_std", m.init_std), ("moe.routed_scaling_factor", e.routed_scaling_factor)):
+        finite(name, v, 0, True, "see --help-config for its meaning and usual value")
+    for name, v in (("moe.seq_aux_loss_coef", e.seq_aux_loss_coef), ("moe.z_loss_coef", e.z_loss_coef),
+                    ("guard.spike_zscore", cfg.guard.spike_zscore)):
+        finite(name, v, 0, False, "0 turns it off")
+    if cfg.log.peak_tflops is not None:
+        finite("log.peak_tflops", cfg.log.peak_tflops, 0, True, "the device's peak, or null for the built-in table")
+    need(d.shuffle_buffer >= 1 and d.workers >= 0 and d.val_documents >= 0,
+         "data.shuffle_buffer must be >= 1 (1 = the dataset's order), data.workers and data.val_documents >= 0")
+    need(d.streams is None or d.streams >= 1, f"data.streams={d.streams} must be >= 1 or null (one per shard)")
+    need(p.ddp_bucket_mb > 0 and p.ac_every_n >= 1, "parallel.ddp_bucket_mb must be > 0 and parallel.ac_every_n >= 1")

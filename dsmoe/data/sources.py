@@ -23,6 +23,11 @@ ACCEPTED_SOURCES = (f"'{SHAKESPEARE}' (the vendored corpus), a .txt/.md/.jsonl f
 HfDataFiles = str | Sequence[str] | Mapping[str, str | Sequence[str]]
 
 
+class DataError(ValueError):
+    """The data cannot be read as it is (a line that is not UTF-8 or not JSON, a position past the end of
+    its document): the message names the file and line, or the stream, and the fix."""
+
+
 def iter_documents(source: str = SHAKESPEARE, *, hf_config: str | None = None, split: str = "train",
                    streaming: bool = True, text_field: str = "text", data_files: HfDataFiles | None = None,
                    hf_options: Mapping[str, Any] | None = None) -> Iterator[str]:
@@ -98,15 +103,33 @@ def _iter_files(files: list[Path], text_field: str) -> Iterator[str]:
         if file.suffix == JSONL_SUFFIX:
             yield from _iter_jsonl(file, text_field)
         else:
-            yield file.read_text(encoding="utf-8")
+            yield _decode(file.read_bytes(), file)
+
+
+def _decode(data: bytes, file: Path, first_line: int = 1) -> str:
+    """`data` (the file's bytes from line `first_line` on) as UTF-8, or a DataError naming the line."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = first_line + data[:e.start].count(b"\n")
+        raise DataError(f"{file}:{line} is not UTF-8 text (byte {data[e.start]:#04x}): re-encode the file as "
+                        f"UTF-8, e.g. iconv -f latin1 -t utf-8 {file.name} > {file.stem}.utf8{file.suffix}") from None
 
 
 def _iter_jsonl(file: Path, text_field: str) -> Iterator[str]:
-    with file.open(encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
+    with file.open("rb") as f:
+        for line_number, raw in enumerate(f, start=1):
+            line = _decode(raw, file, line_number)
             if not line.strip():
                 continue
-            row = json.loads(line)
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{file}:{line_number} is not a JSON line ({e.msg}, column {e.colno}): fix or "
+                                f"remove that line") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{file}:{line_number} is not a JSON object: each line must be one document, "
+                                f'like {{"{text_field}": "..."}}')
             if text_field not in row:
                 raise KeyError(f"{file}:{line_number} has no field {text_field!r} (fields: "
                                f"{sorted(row)}); choose the text field with text_field / --text-field")

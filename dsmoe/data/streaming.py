@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from dsmoe.data.encode_pool import EncodePool, encode_documents
-from dsmoe.data.sources import HfDataFiles
+from dsmoe.data.sources import DataError, HfDataFiles
 from dsmoe.data.stream_source import EmptyStream, StreamSource
 
 log = logging.getLogger(__name__)
@@ -113,6 +113,11 @@ class _DocStream:
             block = self._current()
             tokens = block.tokens(self.doc)
             part = tokens[self.offset:self.offset + n]
+            if not len(part):  # a position saved over other files: never spin on it
+                raise DataError(f"{self.source.describe(self.index)}: the position (document {self.doc} of block "
+                                 f"{self.block}, token {self.offset}) is past that document's end ({len(tokens)} "
+                                 f"tokens): the files changed since the position was saved. Restore them, or start "
+                                 f"the data stream afresh in a new run.dir")
             parts.append(part)
             n -= len(part)
             self.offset += len(part)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,6 +21,28 @@ CSV_FIELDS = ["step", "loss", "lr", "grad_norm", "tokens_per_s", "tokens_per_s_p
 
 def fmt_tokens(n: float) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else f"{n:.0f}"
+
+
+class LineFile:
+    """A log file appended in whole lines: each `write` is one write(2) of complete lines to an O_APPEND
+    descriptor, never split by a buffer, so a crash leaves whole rows or a torn last one (moved aside
+    at resume). A file that ends in a torn row gets a newline first, so no row is glued onto it."""
+
+    def __init__(self, path: Path):
+        self.fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        size = os.fstat(self.fd).st_size
+        if size and os.pread(self.fd, 1, size - 1) != b"\n":
+            os.write(self.fd, b"\n")
+
+    def write(self, text: str) -> None:
+        data = text.encode()
+        while data:  # a regular file takes it in one call unless the disk fills or a signal interrupts
+            data = data[os.write(self.fd, data):]
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 class RunLogger:
@@ -43,9 +66,9 @@ class RunLogger:
         self._csv = self._jsonl = None
         if self.main and run_dir is not None:
             run_dir.mkdir(parents=True, exist_ok=True)
-            self._jsonl = open(run_dir / "metrics.jsonl", "a")
+            self._jsonl = LineFile(run_dir / "metrics.jsonl")
             new_csv = not (run_dir / "metrics.csv").exists()
-            self._csv_file = open(run_dir / "metrics.csv", "a", newline="")
+            self._csv_file = LineFile(run_dir / "metrics.csv")  # the csv module writes each row in one call
             self._csv = csv.DictWriter(self._csv_file, fieldnames=CSV_FIELDS, extrasaction="ignore")
             if new_csv:
                 self._csv.writeheader()
@@ -91,9 +114,7 @@ class RunLogger:
         row = {"time": time.time(), **metrics}
         if self._jsonl is not None:
             self._jsonl.write(json.dumps(row) + "\n")
-            self._jsonl.flush()
             self._csv.writerow(row)
-            self._csv_file.flush()
         self.print(self.format_line(metrics))
 
     @staticmethod

@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from dsmoe.data import (StreamingBatches, TokenBatches, ensure_prepared, load_prepared, merge_stream_states,
                         val_batches)
+from dsmoe.data.identity import files_identity, local_source_files
 from dsmoe.train.prefetch import Prefetcher
 
 
@@ -36,8 +37,10 @@ class TrainData:
                 streams=d.streams, shuffle_buffer=d.shuffle_buffer, workers=d.workers,
                 val_documents=d.val_documents, val_split=d.val_split)
             self.train_tokens = None  # unknown until read
+            self.files = files_identity(self.stream.source.files)
             val_tokens = self.stream.validation_tokens() if t.eval_every else []
         else:
+            self.files = files_identity(local_source_files(d.source))
             options = dict(val_fraction=d.val_fraction, hf_config=d.hf_config, split=d.split, text_field=d.text_field)
             if m.is_main:  # one rank tokenizes; the others wait and read the same files
                 data_dir = ensure_prepared(d.source, d.tokenizer, cache_root=d.cache_dir, **options)

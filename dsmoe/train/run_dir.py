@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -142,29 +143,45 @@ def remove_interrupted_saves(run_dir: Path) -> list[Path]:
 def supersede_rows(run_dir: Path, step: int) -> int:
     """On resume at `step`: rows logged for later steps (work lost with the process that logged them)
     move from metrics.jsonl / samples.jsonl / metrics.csv to their `.superseded` twins, so each step
-    is logged once. Returns the number of rows moved."""
+    is logged once; so do torn or undecodable lines (a crash mid-write, a damaged disk), with a
+    warning. Returns the number of rows moved."""
     moved = 0
     for name in ("metrics.jsonl", "samples.jsonl", "metrics.csv"):
         path = Path(run_dir) / name
         if not path.is_file():
             continue
-        lines = path.read_text().splitlines(keepends=True)
+        lines = path.read_bytes().splitlines(keepends=True)
         keep, gone = ([lines[0]], []) if name.endswith(".csv") and lines else ([], [])
-        for line in lines[len(keep):]:
-            (gone if _row_step(line, name) > step else keep).append(line)
+        aside = path.with_name(f"{path.stem}.{SUPERSEDED}{path.suffix}")
+        for number, line in enumerate(lines[len(keep):], start=len(keep) + 1):
+            row_step = _row_step(line, name)
+            if row_step is None:
+                print(f"warning: {path}:{number} is a torn or undecodable row (a crash mid-write?): moved to "
+                      f"{aside.name}", file=sys.stderr, flush=True)
+                gone.append(line if line.endswith(b"\n") else line + b"\n")
+            else:
+                (gone if row_step > step else keep).append(line)
         if gone:
-            aside = path.with_name(f"{path.stem}.{SUPERSEDED}{path.suffix}")
-            with open(aside, "a") as f:
+            with open(aside, "ab") as f:
                 f.writelines(gone)
             tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(keep))
+            tmp.write_bytes(b"".join(keep))
             tmp.replace(path)
             moved += len(gone)
     return moved
 
 
-def _row_step(line: str, name: str) -> int:
+def _row_step(line: bytes, name: str) -> Optional[int]:
+    """The row's step; None for a torn line (no newline, or not JSON) or one that is not UTF-8."""
     try:
-        return int(json.loads(line)["step"]) if name.endswith(".jsonl") else int(line.split(",", 1)[0])
-    except (ValueError, KeyError, IndexError):
-        return -1  # not a row of ours: keep it
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if not text.endswith("\n"):
+        return None
+    if not text.strip():
+        return -1
+    try:
+        return int(json.loads(text)["step"]) if name.endswith(".jsonl") else int(text.split(",", 1)[0])
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None if name.endswith(".jsonl") else -1  # a csv line of another shape: keep it

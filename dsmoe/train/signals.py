@@ -1,5 +1,6 @@
-"""Preemption-safe stops: SIGINT, SIGTERM and SIGUSR1 (Slurm's `--signal`) ask every rank to stop after
-the current optimizer step and write a checkpoint; a second Ctrl-C exits at once.
+"""Preemption-safe stops: SIGINT, SIGTERM and SIGUSR1 (Slurm's `--signal`; absent on Windows) ask every
+rank to stop after the current optimizer step and write a checkpoint; a second Ctrl-C exits at once.
+A rank whose launcher (torchrun, python -m dsmoe.run) dies is sent SIGTERM, so it stops the same way.
 
 The request travels in the guard's per-step all-reduce, so every rank stops after the same step.
 """
@@ -10,7 +11,7 @@ import signal
 import sys
 import threading
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = tuple(s for s in (getattr(signal, n, None) for n in ("SIGINT", "SIGTERM", "SIGUSR1")) if s)
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped on request with a checkpoint; rerun with --resume auto to continue
 EXIT_INTERRUPTED = 130  # a second Ctrl-C: out at once, nothing saved since the last checkpoint
 
@@ -44,3 +45,18 @@ class StopRequest:
                   f"(Ctrl-C again to exit at once)", file=sys.stderr, flush=True)
         self.requested = True
         self.signal_name = self.signal_name or signal.Signals(signum).name
+
+
+def stop_with_launcher() -> None:
+    """Under torchrun (LOCAL_RANK set): when the launcher dies (SIGKILL, a lost node's agent), this rank is
+    sent SIGTERM and stops like a requested stop (a checkpoint if the ranks can still agree, else at once),
+    instead of training on re-parented to PID 1. Linux only (prctl PR_SET_PDEATHSIG); elsewhere a no-op."""
+    if "LOCAL_RANK" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    launcher = os.getppid()
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+    if launcher == 1 or os.getppid() != launcher:  # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)

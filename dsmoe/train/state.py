@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import sys
 import time
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass
@@ -20,12 +21,16 @@ import torch
 import torch.distributed as dist
 
 from dsmoe.config import ConfigError
+from dsmoe.data.identity import file_changes
 from dsmoe.train.checkpoint import (CheckpointError, check_compatible, checkpoint_path, checksum_problem, is_sharded,
                                     list_checkpoints, load_checkpoint, peek, raise_if_corrupt, save_checkpoint)
 from dsmoe.train.optim import Schedule
 from dsmoe.train.sharded_checkpoint import (commit_sharded, host_stager, load_meta, model_shapes, staging_dir,
                                             then, write_shards)
 
+DATA_CHANGE_RULE = ("the run continues at the same sample position in the new files (prepared data: the same "
+                    "global sample index of the re-tokenized corpus; streaming: each stream's saved shard index and "
+                    "row offset, applied to the new file list), so some documents are skipped or seen twice")
 DATA_MEANING = ("source", "tokenizer", "seq_len", "seed")  # fields whose change moves what a sample position means
 
 
@@ -163,7 +168,7 @@ class Checkpoints:
             "rng": self.gather_rng(),
             "config": t.cfg.to_dict(),
             "layout": {"world": t.mesh.world, "ep": t.mesh.ep, "dp": "fsdp" if t.fsdp else "ddp"},
-            "data": {**data_identity(t.cfg), "vocab_size": t.vocab_size},
+            "data": {**data_identity(t.cfg), "vocab_size": t.vocab_size, "files": t.data.files},
             "run": {"lineage": t.lineage},
             "data_stream": t.data.state_dict(),  # None for prepared files (their position is `samples`)
         }
@@ -270,6 +275,14 @@ class Checkpoints:
                                   + "; ".join(changed) + "): samples would be skipped or repeated. Resume with the "
                                   f"checkpoint's values ({', '.join(field.get(k, 'data.' + k) for k in DATA_MEANING)}),"
                                   f" or accept it with --run.allow_data_change=true")
+        files = file_changes(saved.get("files"), self.t.data.files) if not changed else []
+        if files and not self.t.cfg.run.allow_data_change:
+            raise CheckpointError(f"the data files changed since {path} was written (" + "; ".join(files) + "): its "
+                                  f"position would point into other documents. Restore those files, or accept the "
+                                  f"change with --run.allow_data_change=true ({DATA_CHANGE_RULE})")
+        if files and self.t.mesh.is_main:
+            print(f"warning: the data files changed since {path} (" + "; ".join(files) + f"); continuing as "
+                  f"run.allow_data_change allows: {DATA_CHANGE_RULE}", file=sys.stderr, flush=True)
 
 
 def progress_of(state: dict) -> Progress:

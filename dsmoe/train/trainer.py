@@ -16,7 +16,7 @@ import torch.distributed as dist
 from dsmoe.config import Config, ConfigError, dump_yaml
 from dsmoe.data import get_tokenizer, padded_vocab_size
 from dsmoe.estimate import device_margin_warning
-from dsmoe.metrics.logger import RunLogger, fmt_tokens
+from dsmoe.metrics.logger import LineFile, RunLogger, fmt_tokens
 from dsmoe.metrics.row import log_row
 from dsmoe.metrics.trackers import Trackers
 from dsmoe.metrics.throughput import StepTimer, device_label, peak_tflops
@@ -34,6 +34,7 @@ from dsmoe.train.init_from import load_weights
 from dsmoe.train.guard import Guard, GuardPolicy, params_all_finite
 from dsmoe.train.optim import build_optimizer, clip_grad_norm
 from dsmoe.train.data import TrainData
+from dsmoe.train.run_lock import RunLock
 from dsmoe.train.precision import apply_fp8, autocast, grad_scaler, resolve_precision
 from dsmoe.train.sharded_checkpoint import ShardedState, load_meta
 from dsmoe.train.signals import StopRequest
@@ -123,7 +124,10 @@ class Trainer:
         saved = self.restore(self.resumed_from) if self.resumed_from is not None else None
         self.schedule = schedule_of(saved, t)
         self.schedule_change = self.schedule.extend(self.progress.sched_step)
+        self.run_lock = RunLock(self.run_dir)
+        decide(self.mesh, lambda: self.run_lock.acquire(record=False))  # rank 0; refusals raised on every rank
         self.lineage = self._claim(write=True)
+        decide(self.mesh, self.run_lock.acquire)  # pid and host; anew if run.overwrite moved the directory aside
         self.wrapped = self.model if self.fsdp else wrap_ddp(self.model, self.mesh, cfg.parallel, ignore=expert_names)
         if t.compile:
             compile_blocks(self.wrapped)
@@ -360,6 +364,7 @@ class Trainer:
         finally:
             log.close()
             self.trackers.close()
+            self.run_lock.release()
         result = {"history": history, "step": p.step, "stopped": stopped, "checkpoint": saved,
                   "seconds": time.perf_counter() - began, "tokens": (p.step - started) * self.tokens_per_step,
                   "resumed_at": started, "run_seconds": earlier + time.perf_counter() - began,
@@ -415,8 +420,11 @@ class Trainer:
                                f"Check those ranks' logs; parallel.step_timeout_s sets the limit.\n{e}") from e
 
     def _write_samples(self, samples: list[dict]) -> None:
-        with open(self.run_dir / "samples.jsonl", "a") as f:
+        f = LineFile(self.run_dir / "samples.jsonl")
+        try:
             for s in samples:
                 f.write(json.dumps(s) + "\n")
                 self.log.print(f"sample @ {s['step']}:\n{s['prompt']}{s['text']}\n", style="green")
+        finally:
+            f.close()
 
