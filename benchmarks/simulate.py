@@ -8,7 +8,7 @@ shipped profile, beside the analytic estimate.
 Each row comes from `python -m dsmoe.estimate CONFIG --simulate --world N`'s functions
 (dsmoe.estimate.rehearse): rank 0 of the job runs the real build, wrapping, forward, backward and AdamW
 step on fake tensors over a fake process group, and torch's memory tracker books the peak by category
-(dsmoe/tools/simulate.py lists what it assumes: balanced routing, CPU kernels, DDP's buckets). The
+(dsmoe/train/simulate.py lists what it assumes: balanced routing, CPU kernels, DDP's buckets). The
 analytic estimate (dsmoe/tools/memory.py) is given for the same CPU kernels (what the simulation runs)
 and for CUDA's. Goal: the estimate within 10% of the simulated peak. Table with rich; JSON to
 benchmarks/results/simulate-<device>-<date>.json.

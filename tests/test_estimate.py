@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from dsmoe.config import CONFIG_ROOT, load_config
-from dsmoe.estimate import GPU_MEMORY_MIB, PROFILES, _with, main, memory_budget
+from dsmoe.estimate import main
+from dsmoe.tools.fit import GPU_MEMORY_MIB, PROFILES, memory_budget, with_sections
 from dsmoe.metrics.memory import measure_saved_activation_bytes
 from dsmoe.tools.memory import GiB, estimate_memory, param_stats, predicted_saved_bytes
 from dsmoe.tools.model import vocab_size_of
@@ -58,7 +59,7 @@ def _model(case: str):
 @pytest.mark.parametrize("case", list(CASES))
 def test_activation_estimate_matches_measured_saved_bytes(case, policy, precision):
     cfg, model, batch = _model(case)
-    cfg = _with(cfg, parallel={"activation_checkpointing": policy}, train={"precision": precision})
+    cfg = with_sections(cfg, parallel={"activation_checkpointing": policy}, train={"precision": precision})
     ctx = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
     with ctx:
         measured = measure_saved_activation_bytes(model, batch, block_fn_for(cfg.parallel))
@@ -70,7 +71,7 @@ def test_activation_estimate_matches_measured_saved_bytes(case, policy, precisio
 
 def test_full_checkpointing_keeps_block_inputs_only():
     cfg, model, batch = _model("tiny")
-    ckpt = _with(cfg, parallel={"activation_checkpointing": "full"})
+    ckpt = with_sections(cfg, parallel={"activation_checkpointing": "full"})
     none = measure_saved_activation_bytes(model, batch)
     full = measure_saved_activation_bytes(model, batch, block_fn_for(ckpt.parallel))
     B, S, d, L = cfg.train.micro_batch, cfg.train.seq_len, cfg.model.d_model, cfg.model.n_layers

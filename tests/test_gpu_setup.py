@@ -115,7 +115,7 @@ def test_an_fp8_model_starts_from_the_bf16_models_weights(gpu, monkeypatch, conv
 def test_a_thin_memory_margin_on_the_gpu_warns_with_the_fix(gpu, monkeypatch, free_gib, warns):
     """rtx4060.yaml plans 6.16 GiB of an 8 GiB card: 7.4 GiB free leaves over 10%, 6.4 GiB does not."""
     from dsmoe.config import CONFIG_ROOT, load_config
-    from dsmoe.estimate import device_margin_warning
+    from dsmoe.tools.fit import device_margin_warning
 
     gpu("rtx4060")
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (int(free_gib * 2**30), 8188 * 2**20))
@@ -141,7 +141,7 @@ PROFILE_DECISIONS = {
 @pytest.mark.parametrize("profile", sorted(PROFILE_DECISIONS))
 def test_each_hardware_profile_takes_the_paths_its_gpu_has(profile, gpu, monkeypatch, matmul_precision):
     from dsmoe.config import CONFIG_ROOT, load_config
-    from dsmoe.estimate import GPU_MEMORY_MIB, PROFILES, device_margin_warning
+    from dsmoe.tools.fit import GPU_MEMORY_MIB, PROFILES, device_margin_warning
     from dsmoe.model.grouped_mm import GROUPED_MM_DTYPES
     from dsmoe.model.moe import GroupedExperts
     from dsmoe.parallel.mesh import process_group_backend

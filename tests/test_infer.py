@@ -6,7 +6,7 @@ import torch
 
 from dsmoe.config import CONFIG_ROOT, load_config
 from dsmoe.data.tokenizer import ByteTokenizer
-from dsmoe.infer import Batch, SamplingParams, generate
+from dsmoe.infer import Batch, SamplingParams, generate, generate_ids
 from dsmoe.infer.cache import KVCache, cache_bytes_per_token
 from dsmoe.infer.forward import dropless, forward_cached
 from dsmoe.infer.sampling import filter_logits, penalize, sample
@@ -126,10 +126,10 @@ def test_rows_join_and_leave_between_steps():
 def test_trainer_generate_signature_uses_cache():
     model = build("mla")
     idx = torch.tensor([prompts([6], seed=4)[0]])
-    out = model.generate(idx, 10, temperature=0.0, top_k=0, vocab_limit=257)
+    out = generate_ids(model, idx, 10, temperature=0.0, top_k=0, vocab_limit=257)
     assert out[0].tolist() == recompute_greedy(model, idx[0].tolist(), 10)
-    a = model.generate(idx, 10, 0.8, 50, generator=torch.Generator().manual_seed(1), vocab_limit=257)
-    b = model.generate(idx, 10, 0.8, 50, generator=torch.Generator().manual_seed(1), vocab_limit=257)
+    a = generate_ids(model, idx, 10, 0.8, 50, generator=torch.Generator().manual_seed(1), vocab_limit=257)
+    b = generate_ids(model, idx, 10, 0.8, 50, generator=torch.Generator().manual_seed(1), vocab_limit=257)
     assert torch.equal(a, b) and a.shape == (1, 16) and int(a.max()) < 257
 
 
@@ -253,7 +253,7 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match="max_seq_len"):
         KVCache.allocate(model.cfg, 1, ctx + 1, torch.float32, torch.device("cpu"))
     with pytest.raises(ValueError, match="max_seq_len"):
-        model.generate(torch.tensor([[1] * 10]), ctx)
+        generate_ids(model, torch.tensor([[1] * 10]), ctx)
 
 
 def test_chunked_prefill_equals_whole_prompts():

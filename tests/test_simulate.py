@@ -9,7 +9,7 @@ from dsmoe.config import CONFIG_ROOT, load_config
 from dsmoe.estimate import estimate_rows, main
 from dsmoe.metrics.memory import StepMemory
 from dsmoe.tools.memory import estimate_memory
-from dsmoe.tools.simulate import StepParts, simulate, train_step
+from dsmoe.train.simulate import StepParts, simulate, train_step
 from distributed import run_workers
 
 # v3-mini's layouts (FSDP2 + ep, and DDP + ep as on h100_multinode) at a width that runs in seconds:

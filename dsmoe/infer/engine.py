@@ -308,14 +308,21 @@ def generate(model: Transformer, prompts: Seq[Prompt], params: Union[SamplingPar
 def generate_ids(model: Transformer, idx_BS: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
                  top_k: int = 0, generator: Optional[torch.Generator] = None,
                  vocab_limit: Optional[int] = None) -> torch.Tensor:
-    """`idx_BS` [B, S] followed by exactly `max_new_tokens` sampled ids per row: [B, S + max_new_tokens].
+    """`idx_BS` [B, S] followed by exactly `max_new_tokens` sampled ids per row: [B, S + max_new_tokens]
+    (temperature 0: greedy). What training's samples run.
 
     Every row draws from `generator` (default: a fresh seed); no end-of-text stop, so every rank of an
-    expert-parallel model runs the same number of forwards. Raises ValueError when S + max_new_tokens
-    exceeds the model's max_seq_len."""
+    expert-parallel model runs the same number of forwards. A prompt longer than max_seq_len -
+    max_new_tokens is read from its last tokens. `vocab_limit`: the tokenizer's real vocabulary; padding
+    ids beyond it are never sampled. Raises ValueError when max_new_tokens >= max_seq_len."""
+    room = model.cfg.model.max_seq_len - max_new_tokens
+    if room < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in "
+                         f"model.max_seq_len={model.cfg.model.max_seq_len}")
+    prompt_BS = idx_BS[:, -room:]
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, ignore_eos=True)
-    batch = Batch(model, idx_BS.shape[0], idx_BS.shape[1] + max_new_tokens, vocab_limit=vocab_limit)
-    seqs = [batch.new_sequence(row, params) for row in idx_BS.tolist()]
+    batch = Batch(model, prompt_BS.shape[0], prompt_BS.shape[1] + max_new_tokens, vocab_limit=vocab_limit)
+    seqs = [batch.new_sequence(row, params) for row in prompt_BS.tolist()]
     if generator is not None:
         for s in seqs:
             s.generator = generator

@@ -1,7 +1,7 @@
 """Memory measurements: the bytes a real forward pass keeps for backward.
 
 The analytic ledger these check lives in dsmoe.tools.memory; the simulated rehearsal of a whole step
-in dsmoe.tools.simulate.
+in dsmoe.train.simulate.
 """
 from __future__ import annotations
 

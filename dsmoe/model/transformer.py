@@ -152,23 +152,6 @@ class Transformer(nn.Module):
     def moe_modules(self) -> list[MoE]:
         return [self.layers[i].ffn for i in self.moe_layer_ids]
 
-    @torch.no_grad()
-    def generate(self, idx_BS: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int = 0, generator: Optional[torch.Generator] = None,
-                 vocab_limit: Optional[int] = None) -> torch.Tensor:
-        """[B, S + max_new_tokens]: `idx_BS` and a sampled continuation (temperature <= 0: greedy), decoded
-        with the KV cache of dsmoe.infer. A prompt longer than max_seq_len - max_new_tokens keeps its last
-        tokens. `vocab_limit`: the tokenizer's real vocabulary; padding ids beyond it are never sampled.
-        Raises ValueError when max_new_tokens >= max_seq_len."""
-        from dsmoe.infer.engine import generate_ids  # lazy: dsmoe.infer builds on this module
-
-        room = self.cfg.model.max_seq_len - max_new_tokens
-        if room < 1:
-            raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in "
-                             f"model.max_seq_len={self.cfg.model.max_seq_len}")
-        out = generate_ids(self, idx_BS[:, -room:], max_new_tokens, max(temperature, 0.0), top_k, generator, vocab_limit)
-        return torch.cat([idx_BS, out[:, -max_new_tokens:]], dim=1)
-
 
 def _normal(shape, std: float, seed: int, name: str, index: int = -1) -> torch.Tensor:
     """Normal(0, std) of `shape` (fp32, CPU) from a generator seeded by (seed, name, index) alone."""

@@ -151,7 +151,7 @@ class AllToAllDispatcher(Dispatcher):
 def split_sizes(counts_2E: torch.Tensor, n_assignments: int) -> list[int]:
     """Rows sent per (destination rank, expert), then received per (source rank, local expert), [2 * E]
     counts, as host integers: the layer's one device-to-host copy. The simulated rehearsal
-    (dsmoe.tools.simulate) swaps in balanced routing here, since fake tensors hold no counts;
+    (dsmoe.train.simulate) swaps in balanced routing here, since fake tensors hold no counts;
     `n_assignments` (T * K) is what it splits."""
     return counts_2E.tolist()
 

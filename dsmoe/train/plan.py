@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from dsmoe.config import Config, ConfigError
-from dsmoe.estimate import format_estimate, gpu_of, memory_budget, suggest, verdict
+from dsmoe.tools.fit import format_estimate, gpu_of, memory_budget, suggest, verdict
 from dsmoe.metrics.logger import fmt_tokens
 from dsmoe.tools.memory import estimate_memory
 from dsmoe.tools.model import breakdown, fmt_count

@@ -15,13 +15,14 @@ import torch.distributed as dist
 
 from dsmoe.config import Config, ConfigError, dump_yaml
 from dsmoe.data import get_tokenizer, padded_vocab_size
-from dsmoe.estimate import device_margin_warning
+from dsmoe.tools.fit import device_margin_warning
+from dsmoe.infer import generate_ids
 from dsmoe.metrics.logger import LineFile, RunLogger, fmt_tokens
 from dsmoe.metrics.row import log_row
 from dsmoe.metrics.trackers import Trackers
 from dsmoe.metrics.throughput import StepTimer, device_label, peak_tflops
 from dsmoe.model import Transformer, flops_per_token, param_breakdown, update_expert_bias
-from dsmoe.params import fmt_count
+from dsmoe.tools.model import fmt_count
 from dsmoe.parallel.dispatch import make_dispatcher
 from dsmoe.parallel.expert_state import ExpertShards, is_expert_param
 from dsmoe.parallel.fsdp import apply_fsdp, grad_norm_sets, optional_no_sync, place_shard
@@ -280,8 +281,8 @@ class Trainer:
             ids = self.tokenizer.encode(prompt) or [self.tokenizer.eot_id]
             idx = torch.tensor([ids], device=self.device)
             with self.autocast():
-                out = self.model.generate(idx, t.sample_tokens, t.temperature, t.sample_top_k, generator=gen,
-                                          vocab_limit=self.tokenizer.vocab_size)
+                out = generate_ids(self.model, idx, t.sample_tokens, t.temperature, t.sample_top_k, generator=gen,
+                                   vocab_limit=self.tokenizer.vocab_size)
             results.append({"step": self.progress.step, "prompt": prompt,
                             "text": self.tokenizer.decode(out[0, len(ids):].tolist())})
         return results
