@@ -21,7 +21,7 @@ import torch
 
 from dsmoe.config import ConfigError
 from dsmoe.data import ensure_prepared, load_prepared, val_batches
-from dsmoe.train.checkpoint import CheckpointError
+from dsmoe.checkpoint import CheckpointError
 from dsmoe.train.precision import autocast, resolve_precision
 
 
@@ -33,7 +33,7 @@ def evaluate_checkpoint(ckpt: str, run_dir: str = ".", batches: Optional[int] = 
     val_loss is the mean over batches of each batch's mean next-token cross-entropy (nats), summed in fp32
     in batch order as Trainer.evaluate does at world 1. Raises CheckpointError, or ValueError when the
     validation split holds fewer than one batch."""
-    from dsmoe.train.generate import load_model
+    from dsmoe.checkpoint.load import load_model
 
     model, _, cfg = load_model(ckpt, run_dir, device)
     d, t = cfg.data, cfg.train

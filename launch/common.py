@@ -78,7 +78,7 @@ def resolve_config(args, overrides: list[str]):
     """--config FILE + overrides; or, resuming a checkpoint without --config, the checkpoint's own
     config + overrides (so `--resume ckpt.pt` continues that run, not the default one)."""
     from dsmoe.config import config_from_tree
-    from dsmoe.train.checkpoint import CheckpointError
+    from dsmoe.checkpoint import CheckpointError
     from dsmoe.train.state import checkpoint_config
 
     if args.config is None and args.resume not in (None, "", "none", "auto"):
@@ -170,7 +170,7 @@ def warn_restart_store() -> None:
 def run_training(argv: list[str], description: str) -> int:
     """Build the trainer from the command line and train; see the module docstring for exit codes."""
     from dsmoe.parallel.mesh import StartupError, shutdown
-    from dsmoe.train.checkpoint import CheckpointError
+    from dsmoe.checkpoint import CheckpointError
     from dsmoe.train.guard import TrainingAborted
     from dsmoe.train.signals import EXIT_INTERRUPTED, EXIT_STOPPED
 

@@ -9,7 +9,7 @@ import torch
 from conftest import REPO, small_config
 from dsmoe.eval import evaluate_checkpoint, main
 from dsmoe.model.moe import Router
-from dsmoe.train.generate import load_model
+from dsmoe.checkpoint.load import load_model
 from dsmoe.train.trainer import Trainer
 
 

@@ -5,7 +5,7 @@ import torch
 from conftest import small_config
 from dsmoe.config import GuardConfig
 from dsmoe.model import Transformer
-from dsmoe.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from dsmoe.checkpoint.file import CheckpointError, load_checkpoint, save_checkpoint
 from dsmoe.train.faults import FaultInjector
 from dsmoe.train.guard import Guard, SpikeDetector, localize
 

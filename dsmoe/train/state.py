@@ -20,10 +20,10 @@ import torch
 import torch.distributed as dist
 
 from dsmoe.config import ConfigError
-from dsmoe.train.checkpoint import (CheckpointError, check_compatible, checkpoint_path, checksum_problem, is_sharded,
+from dsmoe.checkpoint.file import (CheckpointError, check_compatible, checkpoint_path, checksum_problem, is_sharded,
                                     list_checkpoints, load_checkpoint, peek, raise_if_corrupt, save_checkpoint)
 from dsmoe.train.optim import Schedule
-from dsmoe.train.sharded_checkpoint import (commit_sharded, host_stager, load_meta, model_shapes, staging_dir,
+from dsmoe.checkpoint.sharded import (commit_sharded, host_stager, load_meta, model_shapes, staging_dir,
                                             then, write_shards)
 
 DATA_MEANING = ("source", "tokenizer", "seq_len", "seed")  # fields whose change moves what a sample position means

@@ -1,6 +1,6 @@
 """The training loop: set-up, `train_step` (read it whole), and `fit` (logs, evaluation, samples,
 checkpoints, stops). Checkpoint contents live in state.py, the guard's policies in guard.py, the run
-directory's ownership in run_dir.py and the metrics row in metrics/row.py.
+directory's ownership in dsmoe/checkpoint/run_dir.py and the metrics row in metrics/row.py.
 """
 from __future__ import annotations
 
@@ -26,15 +26,16 @@ from dsmoe.parallel.expert_state import ExpertShards, is_expert_param
 from dsmoe.parallel.fsdp import apply_fsdp, grad_norm_sets, optional_no_sync, place_shard
 from dsmoe.parallel.mesh import Mesh, init_mesh, missing_ranks, set_timeout
 from dsmoe.parallel.wrap import block_fn_for, compile_blocks, wrap_ddp
-from dsmoe.train import run_dir as rundir
-from dsmoe.train.checkpoint import is_sharded, peek, resolve_resume
+from dsmoe.checkpoint import run_dir as rundir
+from dsmoe.checkpoint import resolve
+from dsmoe.checkpoint.file import is_sharded, peek
 from dsmoe.train.faults import FaultInjector
 from dsmoe.train.init_from import load_weights
 from dsmoe.train.guard import Guard, GuardPolicy, params_all_finite
 from dsmoe.train.optim import build_optimizer, clip_grad_norm
 from dsmoe.train.data import TrainData
 from dsmoe.train.precision import apply_fp8, autocast, grad_scaler, resolve_precision
-from dsmoe.train.sharded_checkpoint import ShardedState, load_meta
+from dsmoe.checkpoint.sharded import ShardedState, load_meta
 from dsmoe.train.signals import StopRequest
 from dsmoe.train.state import Checkpoints, Progress, decide, schedule_of
 
@@ -50,7 +51,7 @@ class Trainer:
         self.device = self.mesh.device
         self.run_dir = Path(cfg.run.dir)
         self.log = RunLogger(None, self.mesh.rank, 0, "off")  # until fit() opens the run's files
-        self.resumed_from = decide(self.mesh, lambda: resolve_resume(resume, self.run_dir))  # one decider
+        self.resumed_from = decide(self.mesh, lambda: resolve(resume, self.run_dir, "--resume", required=False))  # one decider
         self.lineage = self._claim(write=False)  # refuse before any work: nothing written yet
         self.precision = resolve_precision(t.precision, self.device)
         self.tokenizer = get_tokenizer(cfg.data.tokenizer)

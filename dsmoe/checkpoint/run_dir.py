@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from dsmoe.config import ConfigError
-from dsmoe.train.checkpoint import NAME, checkpoint_dir, list_checkpoints
+from dsmoe.checkpoint.file import NAME, checkpoint_dir, list_checkpoints
 
 RUN_FILE = "run.json"
 RUN_FILES = ("metrics.jsonl", "metrics.csv", "samples.jsonl", "config.yaml")  # what a run writes besides checkpoints

@@ -3,7 +3,7 @@
 A checkpoint holds only tensors and primitives, so `torch.load(path, weights_only=True)` reads it;
 dsmoe reads it memory-mapped, so each rank of a resume reads only the parts it keeps. Its checksum is
 taken while it is written and verified in parts (checksum.py). Run directories hold single files
-`step_N.pt` and sharded directories `step_N/` (sharded_checkpoint.py) side by side; listing,
+`step_N.pt` and sharded directories `step_N/` (sharded.py) side by side; listing,
 `--resume auto` and keep-last-K treat both as checkpoints.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 import torch
 
-from dsmoe.train import checksum
+from dsmoe.checkpoint import checksum
 
 FORMAT = "dsmoe-checkpoint-v1"
 NAME = re.compile(r"^step_(\d+)(\.pt)?$")
@@ -93,21 +93,6 @@ def save_checkpoint(state: dict, path: str | Path, keep_last: Optional[int] = No
     os.replace(tmp, path)
     fsync_dir(path.parent)
     prune(path.parent.parent, keep_last, path)
-    return path
-
-
-def resolve_resume(resume: Optional[str], run_dir: str | Path) -> Optional[Path]:
-    """`auto` -> the newest complete checkpoint in the run directory (None on a fresh run)."""
-    if resume in (None, "", "none"):
-        return None
-    if resume == "auto":
-        return latest_checkpoint(run_dir)
-    path = Path(resume)
-    if not path.exists():
-        hint = latest_checkpoint(run_dir)
-        raise CheckpointError(f"checkpoint '{path}' does not exist"
-                              + (f"; the newest in {run_dir} is {hint}" if hint else "")
-                              + " (use --resume auto to take the newest one, or omit --resume to start fresh)")
     return path
 
 

@@ -10,7 +10,7 @@ Keys: `model.<name>` and `optimizer.<param name>.<state>` (exp_avg, exp_avg_sq, 
 tensor at the single-process shape (`ShardedState`). The directory is written as `.step_N.tmp` and
 renamed once complete, so `--resume auto` never sees a partial one. With `checkpoint.async_save` the
 shards are written on a background thread (`dcp.async_save`, after a host copy is staged) and rank 0
-renames when every rank's are written. `python -m dsmoe.train.convert` turns a directory into one
+renames when every rank's are written. `python -m dsmoe.checkpoint.convert` turns a directory into one
 `step_N.pt` file and back.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from dsmoe.parallel.expert_state import ExpertShards
 from dsmoe.parallel.fsdp import local, place_shard
 from dsmoe.parallel.mesh import Mesh
-from dsmoe.train.checkpoint import SHARDED_META, CheckpointError, fsync_dir, prune
+from dsmoe.checkpoint.file import SHARDED_META, CheckpointError, fsync_dir, prune
 
 SHARDED_FORMAT = "dsmoe-sharded-v1"
 
@@ -240,86 +240,21 @@ def load_meta(path: Path) -> dict:
     return meta
 
 
-def tensor_shapes(path: Path) -> dict[str, torch.Size]:
-    """Global shapes of the saved tensors, from DCP's index (no tensor data is read)."""
+def read_metadata(path: Path):
+    """DCP's index of a sharded directory (its `.metadata`); CheckpointError naming it when unreadable."""
     try:
-        metadata = FileSystemReader(str(path)).read_metadata()
+        return FileSystemReader(str(path)).read_metadata()
     except Exception as e:
         raise CheckpointError(f"the index of '{path}' is unreadable ({type(e).__name__}: {e}); "
                               f"resume from an earlier checkpoint in {path.parent}") from None
-    return {k: v.size for k, v in metadata.state_dict_metadata.items() if hasattr(v, "size")}
+
+
+def tensor_shapes(path: Path) -> dict[str, torch.Size]:
+    """Global shapes of the saved tensors, from DCP's index (no tensor data is read)."""
+    return {k: v.size for k, v in read_metadata(path).state_dict_metadata.items() if hasattr(v, "size")}
 
 
 def model_shapes(path: Path) -> dict[str, torch.Tensor]:
     """The saved model's tensors as meta tensors, for `check_compatible`."""
     return {k[len("model."):]: torch.empty(size, device="meta")
             for k, size in tensor_shapes(path).items() if k.startswith("model.")}
-
-
-# ------------------------------------------------------------------ one process: the converter, inference
-# format_utils' dcp_to_torch_save / torch_save_to_dcp convert DCP's own keys one to one; a dsmoe file
-# keys the optimizer state by parameter index (what optimizer.load_state_dict takes), carries meta.pt's
-# contents beside the tensors, and is read with weights_only (torch_save_to_dcp unpickles anything):
-# hence the mapping below.
-
-def read_all(path: Path) -> dict:
-    """Every tensor of a sharded directory, whole, into this process (no process group needed)."""
-    metadata = FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    tensors = {key: torch.empty(size, dtype=metadata[key].properties.dtype)
-               for key, size in tensor_shapes(path).items()}
-    dcp.load(tensors, checkpoint_id=str(path), no_dist=True)
-    return tensors
-
-
-def param_order(cfg_dict: dict, vocab_size: int) -> tuple[list[str], list[str]]:
-    """Parameter names in optimizer order, decayed then not (index i of a single-file optimizer state)."""
-    from dsmoe.config import from_dict
-    from dsmoe.model import Transformer
-    from dsmoe.train.optim import decay_split
-
-    with torch.device("meta"):
-        model = Transformer(from_dict(cfg_dict), vocab_size)
-    return decay_split(model)
-
-
-def to_file_state(path: Path) -> dict:
-    """A sharded directory as the state of a single-file checkpoint (what `save_checkpoint` takes)."""
-    from dsmoe.config import from_dict
-    from dsmoe.train.optim import param_groups_layout
-
-    meta = load_meta(path)
-    tensors = read_all(path)
-    decay, no_decay = param_order(meta["config"], int(meta["data"]["vocab_size"]))
-    index = {n: i for i, n in enumerate(decay + no_decay)}
-    optim_state: dict = {}
-    for key, v in tensors.items():
-        if key.startswith("optimizer."):
-            name, state_key = key[len("optimizer."):].rsplit(".", 1)
-            optim_state.setdefault(index[name], {})[state_key] = v
-    groups = param_groups_layout(len(decay), len(no_decay), from_dict(meta["config"]).train)
-    state = {k: v for k, v in meta.items() if k != "format"}
-    state["model"] = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    state["optimizer"] = {"state": dict(sorted(optim_state.items())), "param_groups": groups}
-    return state
-
-
-def from_file_state(state: dict) -> tuple[dict, dict]:
-    """A single-file checkpoint's state as (tensors, meta) for a sharded directory."""
-    decay, no_decay = param_order(state["config"], int(state["data"]["vocab_size"]))
-    order = decay + no_decay
-    tensors = {f"model.{k}": v for k, v in state["model"].items()}
-    for i, per_param in state["optimizer"]["state"].items():
-        for key, v in per_param.items():
-            tensors[f"optimizer.{order[int(i)]}.{key}"] = v
-    meta = {k: v for k, v in state.items() if k not in ("model", "optimizer", "format", "checksum")}
-    return tensors, meta
-
-
-def save_unsharded_as_sharded(state: dict, path: Path) -> Path:
-    """One process writes a single-file checkpoint's state as a sharded directory."""
-    tensors, meta = from_file_state(state)
-    tmp = staging_dir(path)
-    write_shards(tensors, tmp, None)
-    write_meta(meta, tmp)
-    commit(tmp, path)
-    return path

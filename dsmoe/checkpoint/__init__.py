@@ -1,0 +1,9 @@
+"""Checkpoints: the single-file format (file.py, with its streamed checksum, checksum.py), the sharded
+DCP directory (sharded.py), the converter between them (convert.py), run directories and their
+lineage (run_dir.py), and the one `auto|PATH` resolver that every command uses (resolve.py)."""
+from dsmoe.checkpoint.file import (CheckpointError, is_sharded, latest_checkpoint, list_checkpoints, load_checkpoint,
+                                   save_checkpoint)
+from dsmoe.checkpoint.resolve import read_state, resolve
+
+__all__ = ["CheckpointError", "is_sharded", "latest_checkpoint", "list_checkpoints", "load_checkpoint",
+           "read_state", "resolve", "save_checkpoint"]
