@@ -1,8 +1,10 @@
 """What the training launchers share: arguments, threads, clean errors, stops and the end-of-run summary.
 
-Exit codes: 0 done; 2 a config, checkpoint or run-directory error (nothing written); 3 the guard aborted
-or out of memory; 4 the ranks could not connect (the message names the cause and the fix); 75 stopped on
-request (SIGINT/SIGTERM/SIGUSR1) with a checkpoint: rerun with --resume auto; 130 a second Ctrl-C.
+Exit codes: 0 done, or a resume of a run already at its last step (nothing written); 2 a config,
+checkpoint or run-directory error (nothing written); 3 the guard aborted, out of memory, or a checkpoint
+could not be written (full disk, read-only or vanished run directory: the previous checkpoint is intact);
+4 the ranks could not connect (the message names the cause and the fix); 75 stopped on request
+(SIGINT/SIGTERM/SIGUSR1) with a checkpoint: rerun with --resume auto; 130 a second Ctrl-C.
 """
 from __future__ import annotations
 
@@ -171,7 +173,9 @@ def run_training(argv: list[str], description: str) -> int:
     """Build the trainer from the command line and train; see the module docstring for exit codes."""
     from dsmoe.parallel.mesh import StartupError, shutdown
     from dsmoe.checkpoint import CheckpointError
+    from dsmoe.checkpoint.file import CheckpointWriteError
     from dsmoe.train.guard import TrainingAborted
+    from dsmoe.train.state import RunFinished
     from dsmoe.train.signals import EXIT_INTERRUPTED, EXIT_STOPPED
 
     args, cfg = parse_args(argv, description)
@@ -192,6 +196,13 @@ def run_training(argv: list[str], description: str) -> int:
             for line in summary(trainer, result, argv):
                 print(line, flush=True)
         return EXIT_STOPPED if result["stopped"] else 0
+    except RunFinished as e:
+        if RANK == 0:
+            print(str(e), flush=True)
+        return 0
+    except CheckpointWriteError as e:
+        say_error(str(e))
+        return 3
     except (ConfigError, CheckpointError, FileNotFoundError) as e:
         say_error(str(e))
         return 2

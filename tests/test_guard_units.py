@@ -70,5 +70,5 @@ def test_checksum_catches_silent_corruption(tmp_path):
     state = torch.load(path, weights_only=True)
     state["model"]["w"][1] = 7.0  # a flipped value the zip container does not notice
     torch.save(state, path)
-    with pytest.raises(CheckpointError, match="fails its checksum"):
+    with pytest.raises(CheckpointError, match="fails verification"):
         load_checkpoint(path)

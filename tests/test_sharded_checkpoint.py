@@ -132,7 +132,7 @@ def test_broken_directories_get_errors_and_auto_skips_unfinished_ones(runs, tmp_
         Trainer(small_config(run, data_cache), resume=str(incomplete))
     (step_dir(run, 3) / "meta.pt").write_bytes(b"junk")
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
-        Trainer(small_config(run, data_cache), resume="auto")
+        Trainer(small_config(run, data_cache), resume=str(step_dir(run, 3)))
     other = small_config(tmp_path / "other", data_cache, "--model.d_model=32", "--attention.kv_lora_rank=16")
     with pytest.raises(CheckpointError, match="belongs to another model"):
         Trainer(other, resume=str(step_dir(root / "full", 3)))

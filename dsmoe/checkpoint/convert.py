@@ -21,11 +21,11 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed.checkpoint as dcp
 
-from dsmoe.checkpoint.file import CheckpointError, is_sharded, load_checkpoint, save_checkpoint
+from dsmoe.checkpoint.file import CheckpointDamaged, CheckpointError, is_sharded, load_checkpoint, save_checkpoint
 from dsmoe.checkpoint.resolve import resolve
-from dsmoe.checkpoint.sharded import commit, load_meta, read_metadata, staging_dir, write_meta, write_shards
+from dsmoe.checkpoint.sharded import (commit, load_meta, load_shards, read_metadata, sharded_problem, staging_dir,
+                                      write_meta, write_shards)
 
 
 def read_all(path: Path, prefix: str = "") -> dict:
@@ -34,7 +34,7 @@ def read_all(path: Path, prefix: str = "") -> dict:
     metadata = read_metadata(path).state_dict_metadata
     tensors = {key: torch.empty(m.size, dtype=m.properties.dtype)
                for key, m in metadata.items() if hasattr(m, "size") and key.startswith(prefix)}
-    dcp.load(tensors, checkpoint_id=str(path), no_dist=True)
+    load_shards(tensors, path)
     return tensors
 
 
@@ -53,6 +53,9 @@ def to_file_state(path: Path, optimizer: bool = True) -> dict:
     """A sharded directory as the state of a single-file checkpoint (what `save_checkpoint` takes);
     without `optimizer`, the model tensors only (what inference reads)."""
     meta = load_meta(path)
+    found = sharded_problem(path, meta)
+    if found:
+        raise CheckpointDamaged(f"checkpoint '{path}' fails verification: {found}")
     state = {k: v for k, v in meta.items() if k != "format"}
     tensors = read_all(path, "" if optimizer else "model.")
     state["model"] = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}

@@ -27,6 +27,16 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message says why and what to do."""
 
 
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint that could not be written (full disk, read-only or vanished directory); its
+    temporaries are removed and the previous checkpoint is intact."""
+
+
+class CheckpointDamaged(CheckpointError):
+    """A checkpoint whose files are missing, altered, truncated or another run's: `--resume auto` moves
+    it aside and takes an earlier one."""
+
+
 def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
@@ -40,11 +50,11 @@ def is_sharded(path: str | Path) -> bool:
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first: files, and directories holding their meta.pt (written last);
-    temporary files and directories of interrupted writes are ignored."""
+    """Committed checkpoints, oldest first: files and directories named step_N (temporaries of
+    interrupted writes are ignored). Whether each is whole is for verification to say."""
     d = checkpoint_dir(run_dir)
     found = [p for p in d.glob("step_*") if NAME.match(p.name)
-             and (p.is_file() if p.suffix == ".pt" else (p / SHARDED_META).is_file())] if d.is_dir() else []
+             and (p.is_file() if p.suffix == ".pt" else p.is_dir())] if d.is_dir() else []
     return sorted(found, key=lambda p: (int(NAME.match(p.name).group(1)), p.is_file()))
 
 
@@ -104,9 +114,9 @@ def _open(path: Path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # truncated zip, bad pickle, wrong file: all unusable
         if not _is_zip(path):
-            raise CheckpointError(f"'{path}' is not a checkpoint (not a torch.save archive): pass a step_N.pt file "
+            raise CheckpointDamaged(f"'{path}' is not a checkpoint (not a torch.save archive): pass a step_N.pt file "
                                   f"or a step_N/ directory, or --resume auto") from None
-        raise CheckpointError(f"checkpoint '{path}' is truncated or corrupt ({type(e).__name__}); "
+        raise CheckpointDamaged(f"checkpoint '{path}' is truncated or corrupt ({type(e).__name__}); "
                               f"resume from an earlier checkpoint in {path.parent}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
@@ -144,8 +154,8 @@ def checksum_problem(path: Path, state: dict, part: int = 0, parts: int = 1) -> 
 def raise_if_corrupt(path: Path, problems: list[Optional[str]]) -> None:
     found = [p for p in problems if p]
     if found:
-        raise CheckpointError(f"checkpoint '{path}' fails its checksum ({found[0]}); "
-                              f"resume from an earlier checkpoint in {path.parent}")
+        raise CheckpointDamaged(f"checkpoint '{path}' fails verification ({found[0]}); move it away and resume "
+                                f"from an earlier checkpoint (--resume auto does)")
 
 
 def _is_zip(path: Path) -> bool:

@@ -4,7 +4,8 @@ in parallel, that any layout (world size, ep, DDP or FSDP2) resumes; the default
     checkpoints/step_0000100/
         __0_0.distcp ...    tensor shards, one file per rank (DCP)
         .metadata           DCP's index: every tensor's global shape and where its chunks lie
-        meta.pt             progress, scaler, guard, RNG, config, layout (rank 0, written last)
+        meta.pt             progress, scaler, guard, RNG, config, layout (rank 0)
+        manifest.json       every file's sha256 and size, the run's lineage (rank 0, written last: manifest.py)
 
 Keys: `model.<name>` and `optimizer.<param name>.<state>` (exp_avg, exp_avg_sq, step), each a global
 tensor at the single-process shape (`ShardedState`). The directory is written as `.step_N.tmp` and
@@ -16,6 +17,8 @@ renames when every rank's are written. `python -m dsmoe.checkpoint.convert` turn
 from __future__ import annotations
 
 import functools
+import hashlib
+import io
 import os
 import shutil
 import warnings
@@ -26,7 +29,6 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.staging import AsyncStager, DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 from torch.distributed.device_mesh import DeviceMesh
@@ -35,7 +37,9 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from dsmoe.parallel.expert_state import ExpertShards
 from dsmoe.parallel.fsdp import local, place_shard
 from dsmoe.parallel.mesh import Mesh
-from dsmoe.checkpoint.file import SHARDED_META, CheckpointError, fsync_dir, prune
+from dsmoe.checkpoint.file import SHARDED_META, CheckpointDamaged, CheckpointError, fsync_dir, prune
+from dsmoe.checkpoint.manifest import MANIFEST, ManifestWriter, SafeReader, read_manifest, read_metadata_file, write_manifest
+from dsmoe.checkpoint.manifest import problem as manifest_problem
 
 SHARDED_FORMAT = "dsmoe-sharded-v1"
 
@@ -115,7 +119,8 @@ class ShardedState:
         saved_optimizer = any(k.startswith("optimizer.") for k in tensor_shapes(path))
         if not saved_optimizer:  # saved before the first step: so is this optimizer
             self.optimizer.state.clear()
-        dcp.load(self.tensors(saved_optimizer), checkpoint_id=str(path), process_group=group, no_dist=group is None)
+        load_shards(self.tensors(saved_optimizer), path, group)
+
 
     @torch.no_grad()
     def gather(self) -> tuple[dict, dict]:
@@ -155,6 +160,19 @@ class ShardedState:
                     place_shard(v, optim_state[n][k])
 
 
+def load_shards(tensors: dict, path: Path, group: Optional[dist.ProcessGroup] = None) -> None:
+    """DCP's load into `tensors` (verify the directory first: see manifest.py); `.metadata` is read
+    by the restricted unpickler. An unreadable shard is a CheckpointDamaged naming the directory."""
+    try:
+        dcp.load(tensors, storage_reader=SafeReader(str(path)), process_group=group, no_dist=group is None)
+    except CheckpointError:
+        raise
+    except Exception as e:  # DCP wraps each rank's error; the first line names it
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointDamaged(f"the shards of '{path}' are unreadable ({first}); move it away and resume "
+                                f"from an earlier checkpoint (--resume auto does)") from None
+
+
 def write_shards(tensors: dict, directory: Path, group: Optional[dist.ProcessGroup],
                  stager: Optional[AsyncStager] = None) -> Optional[Future]:
     """Every rank writes its chunks of `tensors` into `directory` (DCP planning over `group`; None: this
@@ -162,9 +180,9 @@ def write_shards(tensors: dict, directory: Path, group: Optional[dist.ProcessGro
     future completes when every rank's chunks and the index are written (dcp.async_save, on a thread;
     it needs a CPU process group)."""
     if stager is not None:
-        return dcp.async_save(tensors, checkpoint_id=str(directory), process_group=group, no_dist=group is None,
-                              async_stager=stager)
-    dcp.save(tensors, checkpoint_id=str(directory), process_group=group, no_dist=group is None)
+        return dcp.async_save(tensors, storage_writer=ManifestWriter(directory), process_group=group,
+                              no_dist=group is None, async_stager=stager)
+    dcp.save(tensors, storage_writer=ManifestWriter(directory), process_group=group, no_dist=group is None)
     return None
 
 
@@ -201,7 +219,7 @@ def staging_dir(path: Path) -> Path:
 
 def commit_sharded(tmp: Path, path: Path, meta: dict, keep_last: Optional[int],
                    before_commit: Optional[Callable[[], None]] = None) -> Path:
-    """Rank 0, once every rank's chunks are in `tmp`: meta.pt last, rename, prune."""
+    """Rank 0, once every rank's chunks are in `tmp`: meta.pt, the manifest last, rename, prune."""
     write_meta(meta, tmp)
     if before_commit is not None:
         before_commit()
@@ -211,10 +229,16 @@ def commit_sharded(tmp: Path, path: Path, meta: dict, keep_last: Optional[int],
 
 
 def write_meta(meta: dict, directory: Path) -> None:
+    """meta.pt, then the manifest of every file in `directory` (every rank's shards written)."""
+    buf = io.BytesIO()
+    torch.save({"format": SHARDED_FORMAT, **meta}, buf)
+    data = buf.getbuffer()
     with open(directory / SHARDED_META, "wb") as f:
-        torch.save({"format": SHARDED_FORMAT, **meta}, f)
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
+    write_manifest(directory, (meta.get("run") or {}).get("lineage"), int(meta["progress"]["step"]),
+                   {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)})
 
 
 def commit(tmp: Path, path: Path) -> None:
@@ -227,26 +251,31 @@ def commit(tmp: Path, path: Path) -> None:
 def load_meta(path: Path) -> dict:
     """meta.pt of a sharded directory, checked; the error says what is wrong and what to do."""
     meta_file = path / SHARDED_META
-    if not (path / ".metadata").is_file() or not meta_file.is_file():
-        raise CheckpointError(f"'{path}' is not a complete sharded checkpoint (no .metadata or {SHARDED_META}); "
-                              f"resume from an earlier checkpoint in {path.parent}")
+    missing = [n for n in (".metadata", SHARDED_META, MANIFEST) if not (path / n).is_file()]
+    if missing:
+        raise CheckpointDamaged(f"'{path}' is not a complete sharded checkpoint (no {' or '.join(missing)}); "
+                                f"move it away and resume from an earlier checkpoint (--resume auto does)")
     try:
         meta = torch.load(meta_file, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"'{meta_file}' is truncated or corrupt ({type(e).__name__}: {e}); "
-                              f"resume from an earlier checkpoint in {path.parent}") from None
+        raise CheckpointDamaged(f"'{meta_file}' is truncated or corrupt ({type(e).__name__}: {e}); move {path} "
+                                f"away and resume from an earlier checkpoint (--resume auto does)") from None
     if not isinstance(meta, dict) or meta.get("format") != SHARDED_FORMAT:
-        raise CheckpointError(f"'{path}' is not a dsmoe sharded checkpoint")
+        raise CheckpointDamaged(f"'{path}' is not a dsmoe sharded checkpoint")
     return meta
 
 
+def sharded_problem(path: Path, meta: dict, part: int = 0, parts: int = 1, digests: bool = True) -> Optional[str]:
+    """What is wrong with files part, part + parts, ... of a sharded directory against its manifest
+    (and, part 0, with its set of files and lineage); None: nothing. Raises CheckpointDamaged without
+    a manifest."""
+    return manifest_problem(path, read_manifest(path), (meta.get("run") or {}).get("lineage"), part, parts,
+                            digests)
+
+
 def read_metadata(path: Path):
-    """DCP's index of a sharded directory (its `.metadata`); CheckpointError naming it when unreadable."""
-    try:
-        return FileSystemReader(str(path)).read_metadata()
-    except Exception as e:
-        raise CheckpointError(f"the index of '{path}' is unreadable ({type(e).__name__}: {e}); "
-                              f"resume from an earlier checkpoint in {path.parent}") from None
+    """DCP's index of a sharded directory (its `.metadata`), read without running code."""
+    return read_metadata_file(path / ".metadata")
 
 
 def tensor_shapes(path: Path) -> dict[str, torch.Size]:

@@ -23,10 +23,14 @@ from dsmoe.config import ConfigError
 from dsmoe.checkpoint.file import (CheckpointError, check_compatible, checkpoint_path, checksum_problem, is_sharded,
                                     list_checkpoints, load_checkpoint, peek, raise_if_corrupt, save_checkpoint)
 from dsmoe.train.optim import Schedule
-from dsmoe.checkpoint.sharded import (commit_sharded, host_stager, load_meta, model_shapes, staging_dir,
-                                            then, write_shards)
+from dsmoe.checkpoint.sharded import (commit_sharded, host_stager, load_meta, model_shapes, sharded_problem,
+                                      staging_dir, then, write_shards)
 
 DATA_MEANING = ("source", "tokenizer", "seq_len", "seed")  # fields whose change moves what a sample position means
+
+
+class RunFinished(Exception):
+    """A resume of a run already at its last step: nothing to do (the message says how to train longer)."""
 
 
 @dataclass
@@ -224,6 +228,7 @@ class Checkpoints:
         model_view, _ = t.sharded.view()
         if is_sharded(path):
             state = load_meta(path)
+            self.verify(path, state)
             check_compatible({**state, "model": model_shapes(path)}, t.cfg.model_dict(), model_view, path)
             self.check_data(state, path)
             t.sharded.load(path, self.group)  # each rank reads its own shards
@@ -234,7 +239,9 @@ class Checkpoints:
             self.check_data(state, path)
             names = t.sharded.param_names()
             t.sharded.place(state["model"], {names[int(i)]: per for i, per in state["optimizer"]["state"].items()})
-        t.scaler.load_state_dict(state["scaler"])
+        note = restore_scaler(t.scaler, state["scaler"])
+        if note:
+            t.notes.append(note)
         t.data.load_state_dict(state.get("data_stream"))
         vars(t.progress).update(asdict(progress_of(state)))  # in place: the loop holds this object
         t.guard.load_state_dict(state.get("guard") or t.guard.state_dict())
@@ -247,9 +254,14 @@ class Checkpoints:
         return state
 
     def verify(self, path: Path, state: dict) -> None:
-        """The file's checksum, verified by every rank together: each re-reads 1/world of the file."""
+        """The file's checksum or the directory's manifest, verified by every rank together: each re-reads
+        1/world of the bytes. Raises CheckpointDamaged on every rank alike."""
         m = self.t.mesh
-        problems = [checksum_problem(path, state, m.rank, m.world)]
+        try:
+            mine = (sharded_problem if is_sharded(path) else checksum_problem)(path, state, m.rank, m.world)
+        except CheckpointError as e:  # no manifest: every rank finds the same
+            mine = str(e)
+        problems = [mine]
         if m.distributed:
             mine, problems = problems[0], [None] * m.world
             dist.all_gather_object(problems, mine, group=self.group)
@@ -269,6 +281,16 @@ class Checkpoints:
                                   + "; ".join(changed) + "): samples would be skipped or repeated. Resume with the "
                                   f"checkpoint's values ({', '.join(field.get(k, 'data.' + k) for k in DATA_MEANING)}),"
                                   f" or accept it with --run.allow_data_change=true")
+
+
+def restore_scaler(scaler: torch.amp.GradScaler, saved: dict) -> Optional[str]:
+    """Load a checkpoint's GradScaler state; one saved without a scaler (a bf16 or fp32 run) resumed in
+    fp16 starts a fresh scaler at its initial scale instead. Returns what the header should say, if
+    anything."""
+    if scaler.is_enabled() and not saved:
+        return f"a fresh GradScaler (scale {scaler.get_scale():g}): the checkpoint was saved without one (bf16 or fp32)"
+    scaler.load_state_dict(saved)  # a no-op on a disabled scaler (fp16 -> bf16/fp32 drops the scale)
+    return None
 
 
 def progress_of(state: dict) -> Progress:

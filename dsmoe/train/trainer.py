@@ -28,7 +28,8 @@ from dsmoe.parallel.mesh import Mesh, init_mesh, missing_ranks, set_timeout
 from dsmoe.parallel.wrap import block_fn_for, compile_blocks, wrap_ddp
 from dsmoe.checkpoint import run_dir as rundir
 from dsmoe.checkpoint import resolve
-from dsmoe.checkpoint.file import is_sharded, peek
+from dsmoe.checkpoint.resolve import newest_whole, set_aside
+from dsmoe.checkpoint.file import CheckpointDamaged, is_sharded, peek
 from dsmoe.train.faults import FaultInjector
 from dsmoe.train.init_from import load_weights
 from dsmoe.train.guard import Guard, GuardPolicy, params_all_finite
@@ -37,7 +38,7 @@ from dsmoe.train.data import TrainData
 from dsmoe.train.precision import apply_fp8, autocast, grad_scaler, resolve_precision
 from dsmoe.checkpoint.sharded import ShardedState, load_meta
 from dsmoe.train.signals import StopRequest
-from dsmoe.train.state import Checkpoints, Progress, decide, schedule_of
+from dsmoe.train.state import Checkpoints, Progress, RunFinished, decide, schedule_of
 
 
 class Trainer:
@@ -51,7 +52,10 @@ class Trainer:
         self.device = self.mesh.device
         self.run_dir = Path(cfg.run.dir)
         self.log = RunLogger(None, self.mesh.rank, 0, "off")  # until fit() opens the run's files
-        self.resumed_from = decide(self.mesh, lambda: resolve(resume, self.run_dir, "--resume", required=False))  # one decider
+        self.resume = resume
+        self.notes: list[str] = []  # what the header says about the resume (a fresh GradScaler, ...)
+        self.resumed_from = decide(self.mesh, lambda: resolve(resume, self.run_dir, "--resume", required=False,
+                                                              move=True, report=self.log.warn))  # one decider
         self.lineage = self._claim(write=False)  # refuse before any work: nothing written yet
         self.precision = resolve_precision(t.precision, self.device)
         self.tokenizer = get_tokenizer(cfg.data.tokenizer)
@@ -105,7 +109,11 @@ class Trainer:
                 moe.dispatcher.timer = self.timer
         if init_from is not None and self.resumed_from is None:
             load_weights(self, init_from)
-        saved = self.restore(self.resumed_from) if self.resumed_from is not None else None
+        saved = self._restore_newest_whole()
+        if saved is not None and self.progress.step >= t.steps:
+            raise RunFinished(f"{self.resumed_from} is at step {self.progress.step}, this run's last (train.steps="
+                              f"{t.steps}): nothing to train, nothing written. To train longer, run the same command "
+                              f"with --train.steps=N (N > {self.progress.step}); the schedule is extended from here")
         self.schedule = schedule_of(saved, t)
         self.schedule_change = self.schedule.extend(self.progress.sched_step)
         self.lineage = self._claim(write=True)
@@ -125,11 +133,16 @@ class Trainer:
             resume, lineage = self.resumed_from, None
             if resume is not None:
                 lineage = ((load_meta(resume) if is_sharded(resume) else peek(resume)).get("run") or {}).get("lineage")
-            lineage = rundir.claim(self.run_dir, resume, lineage, self.cfg.run.overwrite, write)
+            restart = resume is None and self.resume == "auto" and rundir.read_lineage(self.run_dir) is not None
+            lineage = rundir.claim(self.run_dir, resume, lineage, self.cfg.run.overwrite, write,
+                                   continue_without_checkpoint=self.resume == "auto", report=self.log.warn)
             if write:
                 rundir.remove_interrupted_saves(self.run_dir)
-                if resume is not None:
+                if resume is not None or restart:
                     rundir.supersede_rows(self.run_dir, self.progress.step)
+                if restart:
+                    self.notes.append("no checkpoint of this run yet: it starts again at step 0 (rows it logged "
+                                      "before are moved to metrics.superseded.jsonl)")
             return lineage
 
         return decide(self.mesh, on_rank0)
@@ -145,6 +158,24 @@ class Trainer:
 
     def restore(self, path: Path) -> dict:
         return self.checkpoints.restore(path)
+
+    def _restore_newest_whole(self) -> Optional[dict]:
+        """Restore `resumed_from`; under --resume auto a checkpoint that fails verification is named,
+        set aside, and the next older one tried (none left: the lineage restarts at step 0)."""
+        while self.resumed_from is not None:
+            try:
+                return self.restore(self.resumed_from)
+            except CheckpointDamaged as e:
+                if self.resume != "auto":
+                    raise
+                damaged, why = self.resumed_from, str(e)
+
+                def next_older():
+                    self.log.warn(f"skipped checkpoint {damaged.name}: {why}; moved to {set_aside(damaged).name}")
+                    return newest_whole(self.run_dir, move=True, report=self.log.warn)
+
+                self.resumed_from = decide(self.mesh, next_older)
+        return None
 
     def autocast(self):
         return autocast(self.precision, self.device)
@@ -291,6 +322,8 @@ class Trainer:
         }
         if self.resumed_from is not None:
             rows["resumed from"] = f"{self.resumed_from} (step {p.step}, sample {p.samples})"
+        if self.notes:
+            rows["note"] = "; ".join(self.notes)
         return rows
 
     def fit(self) -> dict:
