@@ -137,8 +137,8 @@ def read_metadata_file(path: Path, load_id=None) -> Metadata:
         with open(path, "rb") as f:
             metadata = _MetadataUnpickler(f).load()
     except pickle.UnpicklingError as e:
-        raise CheckpointDamaged(f"'{path}' holds {e}, which DCP's index never does: a pickle that could run code, "
-                                f"not read. {fix}") from None
+        raise CheckpointDamaged(f"'{path}' calls {e}, which DCP's index never does: a pickle that could run code, "
+                                f"so it was not read; {fix}") from None
     except FileNotFoundError:
         raise CheckpointDamaged(f"'{path}' is missing: the checkpoint is incomplete; {fix}") from None
     except Exception as e:  # truncated, or not a pickle

@@ -29,6 +29,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import AsyncStager, DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 from torch.distributed.device_mesh import DeviceMesh
@@ -165,12 +166,19 @@ def load_shards(tensors: dict, path: Path, group: Optional[dist.ProcessGroup] = 
     by the restricted unpickler. An unreadable shard is a CheckpointDamaged naming the directory."""
     try:
         dcp.load(tensors, storage_reader=SafeReader(str(path)), process_group=group, no_dist=group is None)
-    except CheckpointError:
-        raise
-    except Exception as e:  # DCP wraps each rank's error; the first line names it
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointDamaged(f"the shards of '{path}' are unreadable ({first}); move it away and resume "
-                                f"from an earlier checkpoint (--resume auto does)") from None
+    except (Exception, CheckpointException) as e:
+        inner = unwrap(e)
+        if isinstance(inner, CheckpointError):
+            raise inner from None
+        raise CheckpointDamaged(f"the shards of '{path}' are unreadable ({type(inner).__name__}: {inner}); move it "
+                                f"away and resume from an earlier checkpoint (--resume auto does)") from None
+
+
+def unwrap(e: BaseException) -> BaseException:
+    """The first rank's own error inside DCP's CheckpointException (a BaseException, with tracebacks)."""
+    while isinstance(e, CheckpointException) and e.failures:
+        e = next(iter(e.failures.values()))[0]
+    return e
 
 
 def write_shards(tensors: dict, directory: Path, group: Optional[dist.ProcessGroup],
