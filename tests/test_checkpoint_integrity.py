@@ -171,3 +171,18 @@ def test_an_fp32_checkpoint_resumes_in_fp16_with_a_fresh_grad_scaler(tmp_path, d
     assert restore_scaler(scaler, saved) is None and scaler.get_scale() == 32.0
     assert "fresh" in restore_scaler(torch.amp.GradScaler("cpu"), {})
     assert restore_scaler(torch.amp.GradScaler("cpu", enabled=False), saved) is None
+
+
+def test_an_older_checkpoint_is_taken_when_every_newer_one_fails(tmp_path, data_cache, capsys):
+    run = tmp_path / "run"
+    files = ("--checkpoint.every=2", "--train.steps=6")
+    Trainer(small_config(run, data_cache, *files)).fit()  # step_2.pt, step_4.pt, step_6.pt
+    ckpts = run / "checkpoints"
+    for name in ("step_0000004.pt", "step_0000006.pt"):
+        data = bytearray((ckpts / name).read_bytes())
+        data[len(data) // 2] ^= 0x01
+        (ckpts / name).write_bytes(bytes(data))
+    older = Trainer(small_config(run, data_cache, *files), resume=str(ckpts / "step_0000002.pt"))
+    assert older.progress.step == 2 and [p.name for p in list_checkpoints(run)] == ["step_0000002.pt"]
+    assert "step_0000006.pt is newer than step_0000002.pt but unusable" in capsys.readouterr().err
+    assert len(list(ckpts.glob("step_*.pt.damaged-*"))) == 2
