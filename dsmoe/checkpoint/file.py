@@ -8,6 +8,7 @@ taken while it is written and verified in parts (checksum.py). Run directories h
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -62,6 +63,14 @@ def remove_checkpoint(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
 
 
+def remove_temporary(path: Path) -> None:
+    """A failed save's temporary file or directory, removed as far as the disk lets it."""
+    try:
+        remove_checkpoint(path)
+    except OSError:
+        pass
+
+
 def prune(run_dir: str | Path, keep_last: Optional[int], just_written: Path) -> None:
     """Keep the newest `keep_last` checkpoints of the run directory (one lineage: see run_dir.py), of
     either kind, and always the one just written."""
@@ -90,20 +99,73 @@ def save_checkpoint(state: dict, path: str | Path, keep_last: Optional[int] = No
 
     The file carries sha256 digests of its bytes, taken as they are written (checksum.py), checked on load."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        writer = checksum.DigestWriter(f, checksum.chunk_size(checksum.tensor_bytes(state)))
-        torch.save({"format": FORMAT, **state}, writer)
-        writer.seal()
-        f.flush()
-        os.fsync(f.fileno())
-    if before_commit is not None:
-        before_commit()
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    nbytes = checksum.tensor_bytes(state)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            writer = checksum.DigestWriter(f, checksum.chunk_size(nbytes))
+            torch.save({"format": FORMAT, **state}, writer)
+            writer.seal()
+            f.flush()
+            os.fsync(f.fileno())
+        if before_commit is not None:
+            before_commit()
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except Exception as e:
+        remove_temporary(tmp)
+        if os_error(e) is None:
+            raise
+        raise write_error(e, path, nbytes) from None
     prune(path.parent.parent, keep_last, path)
     return path
+
+
+# why each storage fault stops a save, and what to do
+_FIXES = {
+    errno.ENOSPC: "the disk is full: free space there, or move the run directory to a disk with room and run the "
+                  "same command with --resume auto (and --run.dir there)",
+    errno.EROFS: "the file system is read-only: remount it writable, or copy the run directory to a writable disk "
+                 "and run the same command with --resume auto and --run.dir there",
+    errno.EACCES: "this user may not write there: fix the directory's permissions (chmod/chown) or its owner, then "
+                  "run the same command with --resume auto",
+    errno.ENOENT: "the run directory was deleted or moved while the run wrote to it: restore it (its checkpoints "
+                  "with it) and run the same command with --resume auto",
+}
+_FIXES[errno.EDQUOT] = _FIXES[errno.ENOSPC]
+_FIXES[errno.EPERM] = _FIXES[errno.EACCES]
+
+
+def os_error(e: BaseException) -> Optional[OSError]:
+    """The OSError behind `e`: itself, the error torch.save or DCP raised on top of it (RuntimeError,
+    CheckpointException), or None."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno is not None:
+            return e
+        failures = getattr(e, "failures", None)  # DCP's CheckpointException: {rank: (error, traceback)}
+        e = next(iter(failures.values()))[0] if failures else (e.__cause__ or e.__context__)
+    return None
+
+
+def write_error(e: BaseException, path: Path, nbytes: Optional[int] = None) -> CheckpointWriteError:
+    """One message for a save that a storage fault stopped: the path, the cause, the fix, the bytes
+    needed (full disk), and the previous checkpoint (intact: saves commit by rename)."""
+    err = os_error(e)
+    cause = f"{err.strerror} [{errno.errorcode.get(err.errno, err.errno)}]" + (f" at {err.filename}" if err.filename else "")
+    lines = [f"checkpoint {path} could not be written: {cause}.",
+             "  fix: " + _FIXES.get(err.errno, "make the run directory writable, then run the same command with "
+                                                "--resume auto")]
+    if err.errno in (errno.ENOSPC, errno.EDQUOT) and nbytes:
+        existing = next((p for p in [Path(path), *Path(path).parents] if p.exists()), Path("/"))
+        lines.append(f"  it needs about {nbytes / 2**20:.1f} MiB; {shutil.disk_usage(existing).free / 2**20:.1f} MiB "
+                     f"were free on {existing} when the write failed")
+    previous = [p for p in list_checkpoints(Path(path).parent.parent) if p.name != Path(path).name]
+    lines.append("  its temporary files were removed; "
+                 + (f"the previous checkpoint {previous[-1]} is intact" if previous else "there is no earlier checkpoint"))
+    return CheckpointWriteError("\n".join(lines))
 
 
 def _open(path: Path) -> dict:

@@ -9,7 +9,9 @@ source, tokenizer, data seed) is refused unless `run.allow_data_change` is set.
 from __future__ import annotations
 
 import datetime
+import errno
 import functools
+import os
 import time
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass
@@ -18,13 +20,15 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from dsmoe.config import ConfigError
-from dsmoe.checkpoint.file import (CheckpointError, check_compatible, checkpoint_path, checksum_problem, is_sharded,
-                                    list_checkpoints, load_checkpoint, peek, raise_if_corrupt, save_checkpoint)
+from dsmoe.checkpoint.file import (CheckpointError, CheckpointWriteError, check_compatible, checkpoint_path,
+                                   checksum_problem, is_sharded, list_checkpoints, load_checkpoint, os_error, peek,
+                                   raise_if_corrupt, remove_temporary, save_checkpoint, write_error)
 from dsmoe.train.optim import Schedule
 from dsmoe.checkpoint.sharded import (commit_sharded, host_stager, load_meta, model_shapes, sharded_problem,
-                                      staging_dir, then, write_shards)
+                                      staging_dir, then, unwrap, write_shards)
 
 DATA_MEANING = ("source", "tokenizer", "seq_len", "seed")  # fields whose change moves what a sample position means
 
@@ -98,6 +102,7 @@ class Checkpoints:
     def __init__(self, trainer):
         self.t = trainer
         self.pending: Optional[Future] = None  # the asynchronous save in flight
+        self.pending_target: tuple = ()  # its (path, temporary directory, bytes)
         if trainer.cfg.checkpoint.async_save and not trainer.save_sharded:
             raise ConfigError("checkpoint.async_save writes sharded (DCP) directories in the background: set "
                               "checkpoint.format=sharded (or auto), or checkpoint.async_save=false to write one file")
@@ -120,21 +125,40 @@ class Checkpoints:
 
     def wait(self) -> None:
         """Return once the asynchronous save in flight, if any, is committed; every rank calls it (the
-        others wait for rank 0's commit here, under checkpoint.timeout_s) and raises its error alike."""
+        others wait for rank 0's commit here, under checkpoint.timeout_s) and raises its error alike:
+        a CheckpointWriteError, its temporary directory removed. A failed background save is not
+        retried synchronously: what fails it (a full, read-only or vanished disk) fails a retry alike,
+        and the retry would stall every rank; the run stops with the previous checkpoint intact."""
         pending, self.pending = self.pending, None
         if pending is None:
             return
+        path, tmp, nbytes = self.pending_target
         try:
             pending.result()
             problems = [None]
-        except Exception as e:  # DCP's write (every rank alike) or rank 0's commit
-            problems = [f"{type(e).__name__}: {e}"]
+        except (Exception, CheckpointException) as e:  # DCP's write (every rank alike) or rank 0's commit
+            problems = [str(write_error(e, path, nbytes)) if os_error(e) else f"{type(e).__name__}: {unwrap(e)}"]
         if self.t.mesh.distributed:
             mine, problems = problems[0], [None] * self.t.mesh.world
             dist.all_gather_object(problems, mine, group=self.group)
         found = [p for p in problems if p]
         if found:
-            raise CheckpointError(f"the checkpoint written in the background failed: {found[0]}")
+            if self.t.mesh.is_main:
+                remove_temporary(tmp)
+            raise CheckpointWriteError(found[0] if found[0].startswith("checkpoint ") else
+                                       f"checkpoint {path}, written in the background, failed: {found[0]}")
+        self.t.log.print(f"checkpoint: {path} written")
+
+    def poll(self) -> None:
+        """After each step while an asynchronous save is in flight: its failure on any rank stops the run
+        now (one small all-reduce in the checkpoint group agrees on it), not at the next save."""
+        if self.pending is None:
+            return
+        failed = torch.tensor([float(self.pending.done() and self.pending.exception() is not None)])
+        if self.t.mesh.distributed:
+            dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=self.group)
+        if failed.item():
+            self.wait()
 
     # ---------------------------------------------------------------- contents
 
@@ -195,28 +219,41 @@ class Checkpoints:
             return None
         began = time.perf_counter()
         keep, hook, meta = t.cfg.checkpoint.keep_last, t.faults.save_hook(), self.meta_state()
+        path = checkpoint_path(t.run_dir, t.progress.step, t.save_sharded)
+        decide(t.mesh, lambda: self.check_run_dir(path), self.group)
         if t.save_sharded:  # every rank writes its shards; no rank holds the whole model
-            path = checkpoint_path(t.run_dir, t.progress.step, True)
-            tmp = decide(t.mesh, lambda: staging_dir(path), self.group)
+            tensors = t.sharded.tensors()
+            nbytes = sum(v.numel() * v.element_size() for v in tensors.values())  # global shapes: the whole
+            tmp = decide(t.mesh, lambda: storage_guarded(lambda: staging_dir(path), path, nbytes), self.group)
 
             def finish():
                 return commit_sharded(tmp, path, meta, keep, before_commit=hook)
 
-            written = write_shards(t.sharded.tensors(), tmp, self.group,
-                                   self.stager if t.cfg.checkpoint.async_save else None)
+            try:
+                written = write_shards(tensors, tmp, self.group, self.stager if t.cfg.checkpoint.async_save else None)
+            except (Exception, CheckpointException) as e:  # every rank alike (DCP agrees on failures)
+                if os_error(e) is None:
+                    raise
+                decide(t.mesh, lambda: remove_temporary(tmp), self.group)
+                raise write_error(e, path, nbytes) from None
             if written is not None:  # rank 0 commits when every rank's shards are written
-                self.pending = then(written, finish if t.mesh.is_main else None)
-                t.log.print(f"checkpoint: {path} (training waited {time.perf_counter() - began:.2f} s; "
-                            f"written in the background)")
+                self.pending, self.pending_target = then(written, finish if t.mesh.is_main else None), (path, tmp,
+                                                                                                         nbytes)
+                t.log.print(f"checkpoint: writing {path} in the background (training waited "
+                            f"{time.perf_counter() - began:.2f} s)")
                 return path
-            decide(t.mesh, finish, self.group)
+            decide(t.mesh, lambda: storage_guarded(finish, path, nbytes, tmp), self.group)
         else:  # rank 0 gathers and writes; the others wait for it in self.group
             state = self.full_state(meta)
-            path = decide(t.mesh, lambda: save_checkpoint(state, checkpoint_path(t.run_dir, t.progress.step), keep,
-                                                          before_commit=hook), self.group)
+            path = decide(t.mesh, lambda: save_checkpoint(state, path, keep, before_commit=hook), self.group)
             del state
         t.log.print(f"checkpoint: {path} ({time.perf_counter() - began:.2f} s)")
         return path
+
+    def check_run_dir(self, path: Path) -> None:
+        """Rank 0: the run directory still exists (a save would otherwise recreate it, silently)."""
+        if not self.t.run_dir.is_dir():
+            raise write_error(FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(self.t.run_dir)), path)
 
     # ---------------------------------------------------------------- restore
 
@@ -281,6 +318,18 @@ class Checkpoints:
                                   + "; ".join(changed) + "): samples would be skipped or repeated. Resume with the "
                                   f"checkpoint's values ({', '.join(field.get(k, 'data.' + k) for k in DATA_MEANING)}),"
                                   f" or accept it with --run.allow_data_change=true")
+
+
+def storage_guarded(fn: Callable[[], Any], path: Path, nbytes: int, tmp: Optional[Path] = None) -> Any:
+    """fn(); a storage fault inside becomes a CheckpointWriteError naming it (`tmp` removed first)."""
+    try:
+        return fn()
+    except OSError as e:
+        if tmp is not None:
+            remove_temporary(tmp)
+        if os_error(e) is None:
+            raise
+        raise write_error(e, path, nbytes) from None
 
 
 def restore_scaler(scaler: torch.amp.GradScaler, saved: dict) -> Optional[str]:

@@ -360,6 +360,7 @@ class Trainer:
                         stopped = self.stop.signal_name or "a stop request on another rank"
                         break
                     self._periodic(history, end)
+                    self.checkpoints.poll()  # a failed background save stops the run here
                     if cfg.checkpoint.every and p.step % cfg.checkpoint.every == 0 and p.step != end:
                         saved = self.checkpoints.save()
             if (stopped or cfg.checkpoint.save_final) and not (saved and rundir.step_of(saved) == p.step):
