@@ -22,13 +22,14 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
-from dsmoe.config import ConfigError
-from dsmoe.checkpoint.file import (CheckpointError, CheckpointWriteError, check_compatible, checkpoint_path,
-                                   checksum_problem, is_sharded, list_checkpoints, load_checkpoint, os_error, peek,
-                                   raise_if_corrupt, remove_temporary, save_checkpoint, write_error)
-from dsmoe.train.optim import Schedule
+from dsmoe.checkpoint.file import (CheckpointDamaged, CheckpointError, CheckpointWriteError, check_compatible,
+                                   checkpoint_path, checksum_problem, is_sharded, list_checkpoints, load_checkpoint,
+                                   os_error, peek, raise_if_corrupt, remove_temporary, save_checkpoint, write_error)
+from dsmoe.checkpoint.resolve import newest_whole, set_aside
 from dsmoe.checkpoint.sharded import (commit_sharded, host_stager, load_meta, model_shapes, sharded_problem,
                                       staging_dir, then, unwrap, write_shards)
+from dsmoe.config import ConfigError
+from dsmoe.train.optim import Schedule
 
 DATA_MEANING = ("source", "tokenizer", "seq_len", "seed")  # fields whose change moves what a sample position means
 
@@ -289,6 +290,25 @@ class Checkpoints:
             if t.device.type == "cuda" and "cuda" in rng and t.mesh.rank < rng["cuda"].shape[0]:
                 torch.cuda.set_rng_state(rng["cuda"][t.mesh.rank].clone(), t.device)
         return state
+
+    def restore_verified(self, path: Optional[Path], auto: bool) -> tuple[Optional[Path], Optional[dict]]:
+        """(the checkpoint restored, its meta state), or (None, None) without one. With `auto`
+        (--resume auto) a checkpoint that fails verification is named, set aside, and the next older
+        one tried: none left, the lineage restarts at step 0."""
+        while path is not None:
+            try:
+                return path, self.restore(path)
+            except CheckpointDamaged as e:
+                if not auto:
+                    raise
+                damaged, why, log = path, str(e), self.t.log
+
+                def next_older():
+                    log.warn(f"skipped checkpoint {damaged.name}: {why}; moved to {set_aside(damaged).name}")
+                    return newest_whole(self.t.run_dir, move=True, report=log.warn)
+
+                path = decide(self.t.mesh, next_older)
+        return None, None
 
     def verify(self, path: Path, state: dict) -> None:
         """The file's checksum or the directory's manifest, verified by every rank together: each re-reads

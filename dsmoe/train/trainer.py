@@ -28,8 +28,7 @@ from dsmoe.parallel.mesh import Mesh, init_mesh, missing_ranks, set_timeout
 from dsmoe.parallel.wrap import block_fn_for, compile_blocks, wrap_ddp
 from dsmoe.checkpoint import run_dir as rundir
 from dsmoe.checkpoint import resolve
-from dsmoe.checkpoint.resolve import newest_whole, set_aside
-from dsmoe.checkpoint.file import CheckpointDamaged, is_sharded, peek
+from dsmoe.checkpoint.file import is_sharded, peek
 from dsmoe.train.faults import FaultInjector
 from dsmoe.train.init_from import load_weights
 from dsmoe.train.guard import Guard, GuardPolicy, params_all_finite
@@ -109,7 +108,7 @@ class Trainer:
                 moe.dispatcher.timer = self.timer
         if init_from is not None and self.resumed_from is None:
             load_weights(self, init_from)
-        saved = self._restore_newest_whole()
+        self.resumed_from, saved = self.checkpoints.restore_verified(self.resumed_from, self.resume == "auto")
         if saved is not None and self.progress.step >= t.steps:
             raise RunFinished(f"{self.resumed_from} is at step {self.progress.step}, this run's last (train.steps="
                               f"{t.steps}): nothing to train, nothing written. To train longer, run the same command "
@@ -158,24 +157,6 @@ class Trainer:
 
     def restore(self, path: Path) -> dict:
         return self.checkpoints.restore(path)
-
-    def _restore_newest_whole(self) -> Optional[dict]:
-        """Restore `resumed_from`; under --resume auto a checkpoint that fails verification is named,
-        set aside, and the next older one tried (none left: the lineage restarts at step 0)."""
-        while self.resumed_from is not None:
-            try:
-                return self.restore(self.resumed_from)
-            except CheckpointDamaged as e:
-                if self.resume != "auto":
-                    raise
-                damaged, why = self.resumed_from, str(e)
-
-                def next_older():
-                    self.log.warn(f"skipped checkpoint {damaged.name}: {why}; moved to {set_aside(damaged).name}")
-                    return newest_whole(self.run_dir, move=True, report=self.log.warn)
-
-                self.resumed_from = decide(self.mesh, next_older)
-        return None
 
     def autocast(self):
         return autocast(self.precision, self.device)
