@@ -152,12 +152,13 @@ class Checkpoints:
 
     def poll(self) -> None:
         """After each step while an asynchronous save is in flight: its failure on any rank stops the run
-        now (one small all-reduce in the checkpoint group agrees on it), not at the next save."""
+        now (one small all-reduce agrees on it), not at the next save. In the world group, on this
+        thread: the checkpoint group is busy with the save's own collectives on its thread."""
         if self.pending is None:
             return
         failed = torch.tensor([float(self.pending.done() and self.pending.exception() is not None)])
         if self.t.mesh.distributed:
-            dist.all_reduce(failed, op=dist.ReduceOp.MAX, group=self.group)
+            dist.all_reduce(failed, op=dist.ReduceOp.MAX)
         if failed.item():
             self.wait()
 
