@@ -76,7 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def train_tiny(run_dir: Path) -> str:
     """The tiny preset after 2 optimizer steps (byte tokenizer), saved by the trainer's own writer."""
     from dsmoe.config import CONFIG_ROOT, load_config
-    from dsmoe.train.checkpoint import latest_checkpoint
+    from dsmoe.checkpoint.file import latest_checkpoint
     from dsmoe.train.trainer import Trainer
 
     cfg = load_config(CONFIG_ROOT / "models" / "tiny.yaml",

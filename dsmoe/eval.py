@@ -24,7 +24,7 @@ import torch
 
 from dsmoe.config import ConfigError
 from dsmoe.data import ensure_prepared, load_prepared, val_batches
-from dsmoe.train.checkpoint import CheckpointError
+from dsmoe.checkpoint import CheckpointError, resolve
 from dsmoe.train.precision import autocast, eval_precision
 
 
@@ -36,7 +36,7 @@ def evaluate_checkpoint(ckpt: str, run_dir: str = ".", batches: Optional[int] = 
     val_loss is the mean over batches of each batch's mean next-token cross-entropy (nats), summed in fp32
     in batch order as Trainer.evaluate does at world 1. Raises CheckpointError, or ValueError when the
     validation split holds fewer than one batch."""
-    from dsmoe.train.generate import load_model
+    from dsmoe.checkpoint.load import load_model
 
     model, _, cfg = load_model(ckpt, run_dir, device)
     d, t = cfg.data, cfg.train
@@ -86,9 +86,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = p.parse_args(argv)
     try:
         if args.ckpt == "auto":
-            from dsmoe.infer.load import resolve_checkpoint
-
-            args.ckpt = str(resolve_checkpoint("auto", args.run_dir))
+            args.ckpt = str(resolve("auto", args.run_dir))
             print(f"checkpoint: {args.ckpt} (the newest in {args.run_dir})", file=sys.stderr)
         result = evaluate_checkpoint(args.ckpt, args.run_dir, args.batches, args.device)
     except (CheckpointError, ConfigError, ValueError, FileNotFoundError) as e:

@@ -36,7 +36,7 @@ from dsmoe.interop.hf_config import ExportError, check_exportable, config_from_h
 from dsmoe.interop.hf_weights import load_hf_weights, save_safetensors, stored_head_differs, to_hf
 from dsmoe.interop.tokenizer_files import detect_tokenizer, write_tokenizer_files
 from dsmoe.model import Transformer
-from dsmoe.train.checkpoint import CheckpointError, save_checkpoint
+from dsmoe.checkpoint import CheckpointError, save_checkpoint
 from dsmoe.train.precision import DTYPES
 
 HF_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -83,7 +83,7 @@ def export_model(model: Transformer, tokenizer_name: str, out_dir: str | Path, *
 
 def export_checkpoint(ckpt: str, run_dir: str, out_dir: str | Path, **kw) -> dict:
     """`export_model` of a checkpoint file or directory (`auto`: the newest in `run_dir`)."""
-    from dsmoe.train.generate import load_model
+    from dsmoe.checkpoint.load import load_model
 
     model, tok, cfg = load_model(ckpt, run_dir, device="cpu")
     done = export_model(model, tok.name, out_dir, sampling=cfg.train, **kw)

@@ -1,8 +1,10 @@
 """What the training launchers share: arguments, threads, clean errors, stops and the end-of-run summary.
 
-Exit codes: 0 done; 2 a config, checkpoint, data or run-directory error (nothing written); 3 the guard aborted
-or out of memory; 4 the ranks could not connect (the message names the cause and the fix); 75 stopped on
-request (SIGINT/SIGTERM/SIGUSR1) with a checkpoint: rerun with --resume auto; 130 a second Ctrl-C.
+Exit codes: 0 done, or a resume of a run already at its last step (nothing written); 2 a config,
+checkpoint, data or run-directory error (nothing written); 3 the guard aborted, out of memory, or a
+checkpoint could not be written (full disk, read-only or vanished run directory: the previous checkpoint
+is intact); 4 the ranks could not connect (the message names the cause and the fix); 75 stopped on request
+(SIGINT/SIGTERM/SIGUSR1) with a checkpoint: rerun with --resume auto; 130 a second Ctrl-C.
 """
 from __future__ import annotations
 
@@ -81,7 +83,7 @@ def resolve_config(args, overrides: list[str]):
     """--config FILE + overrides; or, resuming a checkpoint without --config, the checkpoint's own
     config + overrides (so `--resume ckpt.pt` continues that run, not the default one)."""
     from dsmoe.config import config_from_tree
-    from dsmoe.train.checkpoint import CheckpointError
+    from dsmoe.checkpoint import CheckpointError
     from dsmoe.train.state import checkpoint_config
 
     if args.config is None and args.resume not in (None, "", "none", "auto"):
@@ -172,8 +174,10 @@ def run_training(argv: list[str], description: str) -> int:
     """Build the trainer from the command line and train; see the module docstring for exit codes."""
     from dsmoe.data.sources import DataError
     from dsmoe.parallel.mesh import StartupError, shutdown
-    from dsmoe.train.checkpoint import CheckpointError
+    from dsmoe.checkpoint import CheckpointError
+    from dsmoe.checkpoint.file import CheckpointWriteError
     from dsmoe.train.guard import TrainingAborted
+    from dsmoe.train.state import RunFinished
     from dsmoe.train.signals import EXIT_INTERRUPTED, EXIT_STOPPED, stop_with_launcher
 
     stop_with_launcher()
@@ -195,6 +199,13 @@ def run_training(argv: list[str], description: str) -> int:
             for line in summary(trainer, result, argv):
                 print(line, flush=True)
         return EXIT_STOPPED if result["stopped"] else 0
+    except RunFinished as e:
+        if RANK == 0:
+            print(str(e), flush=True)
+        return 0
+    except CheckpointWriteError as e:
+        say_error(str(e))
+        return 3
     except (ConfigError, CheckpointError, DataError, FileNotFoundError) as e:
         say_error(str(e))
         return 2

@@ -22,9 +22,9 @@ import time
 import common  # noqa: F401  (puts the checkout on sys.path)
 
 from dsmoe.infer import SamplingParams, generate
-from dsmoe.infer.load import load_model, resolve_checkpoint
+from dsmoe.checkpoint import CheckpointError, resolve
+from dsmoe.checkpoint.load import load_model
 from dsmoe.infer.seeds import base_seed, prompt_seed
-from dsmoe.train.checkpoint import CheckpointError
 
 HELP = """commands:
   /set NAME VALUE   change a setting (max_new_tokens temperature top_k top_p repetition_penalty seed stop);
@@ -150,7 +150,7 @@ def main(argv=None) -> int:
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                                 top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                                 stop=tuple(unescape(s) for s in args.stop), seed=args.seed)
-        path = resolve_checkpoint(args.ckpt, args.run_dir)
+        path = resolve(args.ckpt, args.run_dir)
         if args.ckpt == "auto":
             print(f"checkpoint: {path} (the newest in {args.run_dir})", file=sys.stderr)
         model, tok, _ = load_model(str(path), args.run_dir, args.device)

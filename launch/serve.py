@@ -24,8 +24,8 @@ import sys
 import common  # noqa: F401  (puts the checkout on sys.path)
 
 from dsmoe.infer import Batch
-from dsmoe.infer.load import load_model, resolve_checkpoint
-from dsmoe.train.checkpoint import CheckpointError
+from dsmoe.checkpoint import CheckpointError, resolve
+from dsmoe.checkpoint.load import load_model
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
         print(f"error: {e.name} is not installed: pip install -e \".[serve]\"", file=sys.stderr)
         return 2
     try:
-        path = resolve_checkpoint(args.ckpt, args.run_dir)
+        path = resolve(args.ckpt, args.run_dir)
         print(f"checkpoint: {path}" + (f" (the newest in {args.run_dir})" if args.ckpt == "auto" else ""), flush=True)
         model, tok, cfg = load_model(str(path), args.run_dir, args.device)
         batch = Batch(model, args.max_batch, tokenizer=tok, prefill_chunk=args.prefill_chunk or None)

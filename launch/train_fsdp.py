@@ -17,7 +17,7 @@ Paste the command for your machine:
     torchrun --standalone --nproc_per_node 8 launch/train_fsdp.py --parallel.reshard_after_forward false
 
 Checkpoints are sharded directories (checkpoints/step_N/, each rank writes its part) that resume at
-any world size, ep or DDP; `python -m dsmoe.train.convert DIR ckpt.pt` makes one file of it
+any world size, ep or DDP; `python -m dsmoe.checkpoint.convert DIR ckpt.pt` makes one file of it
 (`launch/train_ddp.py --resume ckpt.pt` continues there), and `--checkpoint.format file` writes files.
 """
 import sys

@@ -14,8 +14,8 @@ from conftest import small_config
 from distributed import run_workers
 from dsmoe.config import ConfigError
 from dsmoe.metrics.host_memory import HostMemory
-from dsmoe.train.checkpoint import list_checkpoints, load_checkpoint
-from dsmoe.train.sharded_checkpoint import read_all
+from dsmoe.checkpoint.file import list_checkpoints, load_checkpoint
+from dsmoe.checkpoint.convert import read_all
 from dsmoe.train.trainer import Trainer
 
 # 6.3M parameters (76 MB of weights and AdamW moments), none over 2.1 MB: memory shows above the noise

@@ -7,7 +7,7 @@ import pytest
 from conftest import small_config
 from dsmoe.data import StreamingBatches, iter_local_documents
 from dsmoe.data.sources import DataError
-from dsmoe.train.checkpoint import CheckpointError
+from dsmoe.checkpoint.file import CheckpointError
 from dsmoe.train.trainer import Trainer
 from test_streaming import DOCS, _write
 

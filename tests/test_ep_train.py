@@ -13,7 +13,7 @@ from conftest import rel_err, small_config
 from distributed import run_workers
 from dsmoe.config import ConfigError
 from dsmoe.parallel.expert_state import is_expert_param
-from dsmoe.train.checkpoint import load_checkpoint
+from dsmoe.checkpoint.file import load_checkpoint
 from dsmoe.train.trainer import Trainer
 
 TOL = 1e-5

@@ -9,7 +9,7 @@ import torch
 from conftest import REPO, small_config
 from dsmoe.eval import evaluate_checkpoint, main
 from dsmoe.model.moe import Router
-from dsmoe.train.generate import load_model
+from dsmoe.checkpoint.load import load_model
 from dsmoe.train.trainer import Trainer
 
 
@@ -73,7 +73,7 @@ def test_auto_names_its_checkpoint_and_an_imported_export_evaluates_the_same(tra
     """`--ckpt auto` says which checkpoint it took; exported then imported, the same weights evaluate
     the same windows and give the same number."""
     from dsmoe.export import export_checkpoint, import_hf
-    from dsmoe.train.checkpoint import latest_checkpoint
+    from dsmoe.checkpoint.file import latest_checkpoint
 
     run, _ = trained_run
     assert main(["--ckpt", "auto", "--run-dir", str(run), "--json"]) == 0

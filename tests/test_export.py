@@ -21,8 +21,8 @@ from dsmoe.interop.hf_config import ExportError, config_from_hf  # noqa: E402
 from dsmoe.interop.hf_weights import read_safetensors  # noqa: E402
 from dsmoe.interop.tokenizer_files import write_tokenizer_files  # noqa: E402
 from dsmoe.model import Transformer  # noqa: E402
-from dsmoe.train.checkpoint import load_checkpoint  # noqa: E402
-from dsmoe.train.generate import load_model  # noqa: E402
+from dsmoe.checkpoint.file import load_checkpoint  # noqa: E402
+from dsmoe.checkpoint.load import load_model  # noqa: E402
 
 SMALL = ["--model.d_model=64", "--model.ffn_hidden=96", "--model.vocab_size=320", "--model.max_seq_len=64",
          "--model.init_std=0.1", "--moe.expert_hidden=32", "--train.seq_len=32", "--data.tokenizer=byte"]

@@ -10,7 +10,7 @@ import torch
 from cli import losses_by_step, run, small_args, torchrun, torchrun_cmd
 from conftest import REPO, small_config
 from distributed import run_workers
-from dsmoe.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from dsmoe.checkpoint.file import latest_checkpoint, list_checkpoints, load_checkpoint
 from dsmoe.train.guard import TrainingAborted
 from dsmoe.train.trainer import Trainer
 

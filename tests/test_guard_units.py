@@ -5,7 +5,7 @@ import torch
 from conftest import small_config
 from dsmoe.config import GuardConfig
 from dsmoe.model import Transformer
-from dsmoe.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from dsmoe.checkpoint.file import CheckpointError, load_checkpoint, save_checkpoint
 from dsmoe.train.faults import FaultInjector
 from dsmoe.train.guard import Guard, SpikeDetector, localize
 
@@ -70,5 +70,5 @@ def test_checksum_catches_silent_corruption(tmp_path):
     state = torch.load(path, weights_only=True)
     state["model"]["w"][1] = 7.0  # a flipped value the zip container does not notice
     torch.save(state, path)
-    with pytest.raises(CheckpointError, match="fails its checksum"):
+    with pytest.raises(CheckpointError, match="fails verification"):
         load_checkpoint(path)

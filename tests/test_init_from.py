@@ -12,7 +12,7 @@ from cli import REPO, run, small_args  # noqa: E402
 from conftest import small_config  # noqa: E402
 from distributed import run_workers  # noqa: E402
 from dsmoe.export import export_model  # noqa: E402
-from dsmoe.train.checkpoint import CheckpointError  # noqa: E402
+from dsmoe.checkpoint.file import CheckpointError  # noqa: E402
 from dsmoe.model import Transformer  # noqa: E402
 from dsmoe.train.trainer import Trainer  # noqa: E402
 

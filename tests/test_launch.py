@@ -12,8 +12,8 @@ import pytest
 
 from cli import ENV, losses_by_step, run, small_args, torchrun_cmd
 from conftest import REPO, small_config
-from dsmoe.train.checkpoint import list_checkpoints
-from dsmoe.train.run_dir import RunDirError
+from dsmoe.checkpoint.file import list_checkpoints
+from dsmoe.checkpoint.run_dir import RunDirError
 from dsmoe.train.signals import EXIT_STOPPED
 from dsmoe.train.trainer import Trainer
 from test_lifecycle import digests, wait_for_step, worker_pids
@@ -99,7 +99,7 @@ def alive(pid: int) -> bool:
 
 HOLD = """
 import sys
-from dsmoe.train.run_lock import RunLock
+from dsmoe.checkpoint.lock import RunLock
 lock = RunLock(sys.argv[1])
 lock.acquire()
 print("held", flush=True)

@@ -11,8 +11,8 @@ import pytest
 
 from cli import ENV, launch_common, losses_by_step, rows, run, small_args, torchrun_cmd, train_cmd
 from conftest import REPO, small_config
-from dsmoe.train.checkpoint import CheckpointError, list_checkpoints
-from dsmoe.train.run_dir import RunDirError
+from dsmoe.checkpoint.file import CheckpointError, list_checkpoints
+from dsmoe.checkpoint.run_dir import RunDirError
 from dsmoe.train.signals import EXIT_STOPPED
 from dsmoe.train.trainer import Trainer
 

@@ -13,8 +13,8 @@ import pytest
 
 from cli import ENV, launch_common, rows, small_args
 from conftest import REPO, small_config
-from dsmoe.train.checkpoint import load_checkpoint
-from dsmoe.train.run_dir import read_lineage
+from dsmoe.checkpoint.file import load_checkpoint
+from dsmoe.checkpoint.run_dir import read_lineage
 from dsmoe.train.trainer import Trainer
 
 

@@ -11,10 +11,10 @@ import requests
 from conftest import small_config
 
 from dsmoe.infer import SamplingParams, generate
+from dsmoe.checkpoint.load import load_model
 from dsmoe.infer.seeds import prompt_seed
-from dsmoe.infer.load import load_model
 from dsmoe.infer.process import served
-from dsmoe.train.checkpoint import latest_checkpoint
+from dsmoe.checkpoint.file import latest_checkpoint
 from dsmoe.train.trainer import Trainer
 
 MAX_BATCH = 8  # fewer rows than the 16 concurrent requests: half of them wait and join between steps

@@ -13,9 +13,9 @@ from dsmoe.infer import SamplingParams, generate
 from dsmoe.infer.seeds import prompt_seed
 from dsmoe.infer.chat import render_chat
 from dsmoe.infer.forward import dropless
-from dsmoe.infer.load import load_model
+from dsmoe.checkpoint.load import load_model
 from dsmoe.infer.process import served
-from dsmoe.train.checkpoint import latest_checkpoint
+from dsmoe.checkpoint.file import latest_checkpoint
 from dsmoe.train.trainer import Trainer
 
 openai = pytest.importorskip("openai")

@@ -11,9 +11,11 @@ import torch
 
 from conftest import small_config
 from distributed import run_workers
-from dsmoe.train.checkpoint import CheckpointError, list_checkpoints, load_checkpoint, resolve_resume
-from dsmoe.train.convert import convert, main as convert_main
-from dsmoe.train.sharded_checkpoint import load_meta, to_file_state
+from dsmoe.checkpoint import resolve
+from dsmoe.checkpoint.file import CheckpointError, list_checkpoints, load_checkpoint
+from dsmoe.checkpoint.convert import convert, main as convert_main
+from dsmoe.checkpoint.convert import to_file_state
+from dsmoe.checkpoint.sharded import load_meta
 from dsmoe.train.trainer import Trainer
 
 TOL = 1e-5
@@ -125,12 +127,12 @@ def test_broken_directories_get_errors_and_auto_skips_unfinished_ones(runs, tmp_
     incomplete = step_dir(run, 4)  # named like a checkpoint, but without its meta.pt
     incomplete.mkdir()
     (incomplete / ".metadata").write_bytes(b"")
-    assert resolve_resume("auto", run) == step_dir(run, 3)
+    assert resolve("auto", run) == step_dir(run, 3)
     with pytest.raises(CheckpointError, match="not a complete sharded checkpoint"):
         Trainer(small_config(run, data_cache), resume=str(incomplete))
     (step_dir(run, 3) / "meta.pt").write_bytes(b"junk")
     with pytest.raises(CheckpointError, match="truncated or corrupt"):
-        Trainer(small_config(run, data_cache), resume="auto")
+        Trainer(small_config(run, data_cache), resume=str(step_dir(run, 3)))
     other = small_config(tmp_path / "other", data_cache, "--model.d_model=32", "--attention.kv_lora_rank=16")
     with pytest.raises(CheckpointError, match="belongs to another model"):
         Trainer(other, resume=str(step_dir(root / "full", 3)))

@@ -180,7 +180,7 @@ def test_mlflow_run_continues_across_a_resume(tmp_path, data_cache, monkeypatch)
     from mlflow.tracking import MlflowClient
 
     from conftest import small_config
-    from dsmoe.train.run_dir import read_run_file
+    from dsmoe.checkpoint.run_dir import read_run_file
     from dsmoe.train.trainer import Trainer
 
     fake = _FakeWandb()

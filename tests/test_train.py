@@ -10,7 +10,7 @@ import torch
 
 from conftest import REPO, small_config
 from dsmoe.config import TrainConfig
-from dsmoe.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from dsmoe.checkpoint.file import CheckpointError, latest_checkpoint, load_checkpoint
 from dsmoe.train.optim import lr_at
 from dsmoe.train.trainer import Trainer
 

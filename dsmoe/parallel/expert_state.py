@@ -8,7 +8,7 @@ all-to-all backward already sums, into each expert shard, the gradients of every
 summing those over the edp group adds the other replicas' tokens, and dividing by world gives the
 gradient of the global mean. (DDP's average over the world does the same for replicated weights.)
 
-Checkpoints present each stack as a DTensor over an (ep, edp) mesh (dsmoe.train.sharded_checkpoint.
+Checkpoints present each stack as a DTensor over an (ep, edp) mesh (dsmoe.checkpoint.sharded.
 ShardedState), so they hold every expert at its single-process shape whatever ep wrote them.
 """
 from __future__ import annotations

@@ -11,7 +11,8 @@ from dsmoe.config import Config, ConfigError
 from dsmoe.model import Transformer
 from dsmoe.parallel.expert_state import is_expert_param
 from dsmoe.parallel.fsdp import place_shard
-from dsmoe.train.checkpoint import CheckpointError, check_compatible, is_sharded, load_checkpoint
+from dsmoe.checkpoint import CheckpointError, read_state
+from dsmoe.checkpoint.file import check_compatible
 
 
 def is_hf_dir(path: str | Path) -> bool:
@@ -41,11 +42,7 @@ def init_weights_of(source: str | Path, cfg: Config) -> dict[str, torch.Tensor]:
             raise ConfigError(f"--init-from-hf {source}: {e}") from None
     if not Path(source).exists():
         raise CheckpointError(f"--init-from {source}: no such checkpoint or transformers directory")
-    if is_sharded(source):
-        from dsmoe.train.sharded_checkpoint import to_file_state
-
-        return to_file_state(Path(source))["model"]
-    return load_checkpoint(source)["model"]
+    return read_state(source, optimizer=False)["model"]
 
 
 @torch.no_grad()

@@ -11,8 +11,8 @@ from dsmoe.tools.fit import format_estimate, gpu_of, memory_budget, suggest, ver
 from dsmoe.metrics.logger import fmt_tokens
 from dsmoe.tools.memory import estimate_memory
 from dsmoe.tools.model import breakdown, fmt_count
-from dsmoe.train import run_dir as rundir
-from dsmoe.train.checkpoint import list_checkpoints
+from dsmoe.checkpoint import run_dir as rundir
+from dsmoe.checkpoint.file import list_checkpoints
 
 
 def planned_device(requested: str) -> tuple[str, str]:

@@ -51,7 +51,7 @@ from dsmoe.parallel.wrap import block_fn_for
 from dsmoe.tools.model import meta_model, vocab_size_of
 from dsmoe.train.optim import build_optimizer, clip_grad_norm
 from dsmoe.train.precision import autocast
-from dsmoe.train.sharded_checkpoint import ShardedState
+from dsmoe.checkpoint.sharded import ShardedState
 
 ASSUMPTIONS = [
     "balanced routing: every expert gets T*K/E token rows from every rank per MoE layer (the real split "

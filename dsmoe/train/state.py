@@ -9,7 +9,9 @@ source, tokenizer, data seed) is refused unless `run.allow_data_change` is set.
 from __future__ import annotations
 
 import datetime
+import errno
 import functools
+import os
 import sys
 import time
 from concurrent.futures import Future
@@ -19,19 +21,26 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
+from dsmoe.checkpoint.file import (CheckpointDamaged, CheckpointError, CheckpointWriteError, check_compatible,
+                                   checkpoint_path, checksum_problem, is_sharded, list_checkpoints, load_checkpoint,
+                                   os_error, peek, raise_if_corrupt, remove_temporary, save_checkpoint, write_error)
+from dsmoe.checkpoint.resolve import newest_whole, set_aside
+from dsmoe.checkpoint.sharded import (commit_sharded, host_stager, load_meta, model_shapes, sharded_problem,
+                                      staging_dir, then, unwrap, write_shards)
 from dsmoe.config import ConfigError
 from dsmoe.data.identity import file_changes
-from dsmoe.train.checkpoint import (CheckpointError, check_compatible, checkpoint_path, checksum_problem, is_sharded,
-                                    list_checkpoints, load_checkpoint, peek, raise_if_corrupt, save_checkpoint)
 from dsmoe.train.optim import Schedule
-from dsmoe.train.sharded_checkpoint import (commit_sharded, host_stager, load_meta, model_shapes, staging_dir,
-                                            then, write_shards)
 
 DATA_CHANGE_RULE = ("the run continues at the same sample position in the new files (prepared data: the same "
                     "global sample index of the re-tokenized corpus; streaming: each stream's saved shard index and "
                     "row offset, applied to the new file list), so some documents are skipped or seen twice")
 DATA_MEANING = ("source", "tokenizer", "seq_len", "seed")  # fields whose change moves what a sample position means
+
+
+class RunFinished(Exception):
+    """A resume of a run already at its last step: nothing to do (the message says how to train longer)."""
 
 
 @dataclass
@@ -100,6 +109,7 @@ class Checkpoints:
     def __init__(self, trainer):
         self.t = trainer
         self.pending: Optional[Future] = None  # the asynchronous save in flight
+        self.pending_target: tuple = ()  # its (path, temporary directory, bytes)
         if trainer.cfg.checkpoint.async_save and not trainer.save_sharded:
             raise ConfigError("checkpoint.async_save writes sharded (DCP) directories in the background: set "
                               "checkpoint.format=sharded (or auto), or checkpoint.async_save=false to write one file")
@@ -122,21 +132,41 @@ class Checkpoints:
 
     def wait(self) -> None:
         """Return once the asynchronous save in flight, if any, is committed; every rank calls it (the
-        others wait for rank 0's commit here, under checkpoint.timeout_s) and raises its error alike."""
+        others wait for rank 0's commit here, under checkpoint.timeout_s) and raises its error alike:
+        a CheckpointWriteError, its temporary directory removed. A failed background save is not
+        retried synchronously: what fails it (a full, read-only or vanished disk) fails a retry alike,
+        and the retry would stall every rank; the run stops with the previous checkpoint intact."""
         pending, self.pending = self.pending, None
         if pending is None:
             return
+        path, tmp, nbytes = self.pending_target
         try:
             pending.result()
             problems = [None]
-        except Exception as e:  # DCP's write (every rank alike) or rank 0's commit
-            problems = [f"{type(e).__name__}: {e}"]
+        except (Exception, CheckpointException) as e:  # DCP's write (every rank alike) or rank 0's commit
+            problems = [str(write_error(e, path, nbytes)) if os_error(e) else f"{type(e).__name__}: {unwrap(e)}"]
         if self.t.mesh.distributed:
             mine, problems = problems[0], [None] * self.t.mesh.world
             dist.all_gather_object(problems, mine, group=self.group)
         found = [p for p in problems if p]
         if found:
-            raise CheckpointError(f"the checkpoint written in the background failed: {found[0]}")
+            if self.t.mesh.is_main:
+                remove_temporary(tmp)
+            raise CheckpointWriteError(found[0] if found[0].startswith("checkpoint ") else
+                                       f"checkpoint {path}, written in the background, failed: {found[0]}")
+        self.t.log.print(f"checkpoint: {path} written")
+
+    def poll(self) -> None:
+        """After each step while an asynchronous save is in flight: its failure on any rank stops the run
+        now (one small all-reduce agrees on it), not at the next save. In the world group, on this
+        thread: the checkpoint group is busy with the save's own collectives on its thread."""
+        if self.pending is None:
+            return
+        failed = torch.tensor([float(self.pending.done() and self.pending.exception() is not None)])
+        if self.t.mesh.distributed:
+            dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        if failed.item():
+            self.wait()
 
     # ---------------------------------------------------------------- contents
 
@@ -197,28 +227,41 @@ class Checkpoints:
             return None
         began = time.perf_counter()
         keep, hook, meta = t.cfg.checkpoint.keep_last, t.faults.save_hook(), self.meta_state()
+        path = checkpoint_path(t.run_dir, t.progress.step, t.save_sharded)
+        decide(t.mesh, lambda: self.check_run_dir(path), self.group)
         if t.save_sharded:  # every rank writes its shards; no rank holds the whole model
-            path = checkpoint_path(t.run_dir, t.progress.step, True)
-            tmp = decide(t.mesh, lambda: staging_dir(path), self.group)
+            tensors = t.sharded.tensors()
+            nbytes = sum(v.numel() * v.element_size() for v in tensors.values())  # global shapes: the whole
+            tmp = decide(t.mesh, lambda: storage_guarded(lambda: staging_dir(path), path, nbytes), self.group)
 
             def finish():
                 return commit_sharded(tmp, path, meta, keep, before_commit=hook)
 
-            written = write_shards(t.sharded.tensors(), tmp, self.group,
-                                   self.stager if t.cfg.checkpoint.async_save else None)
+            try:
+                written = write_shards(tensors, tmp, self.group, self.stager if t.cfg.checkpoint.async_save else None)
+            except (Exception, CheckpointException) as e:  # every rank alike (DCP agrees on failures)
+                if os_error(e) is None:
+                    raise
+                decide(t.mesh, lambda: remove_temporary(tmp), self.group)
+                raise write_error(e, path, nbytes) from None
             if written is not None:  # rank 0 commits when every rank's shards are written
-                self.pending = then(written, finish if t.mesh.is_main else None)
-                t.log.print(f"checkpoint: {path} (training waited {time.perf_counter() - began:.2f} s; "
-                            f"written in the background)")
+                self.pending, self.pending_target = then(written, finish if t.mesh.is_main else None), (path, tmp,
+                                                                                                         nbytes)
+                t.log.print(f"checkpoint: writing {path} in the background (training waited "
+                            f"{time.perf_counter() - began:.2f} s)")
                 return path
-            decide(t.mesh, finish, self.group)
+            decide(t.mesh, lambda: storage_guarded(finish, path, nbytes, tmp), self.group)
         else:  # rank 0 gathers and writes; the others wait for it in self.group
             state = self.full_state(meta)
-            path = decide(t.mesh, lambda: save_checkpoint(state, checkpoint_path(t.run_dir, t.progress.step), keep,
-                                                          before_commit=hook), self.group)
+            path = decide(t.mesh, lambda: save_checkpoint(state, path, keep, before_commit=hook), self.group)
             del state
         t.log.print(f"checkpoint: {path} ({time.perf_counter() - began:.2f} s)")
         return path
+
+    def check_run_dir(self, path: Path) -> None:
+        """Rank 0: the run directory still exists (a save would otherwise recreate it, silently)."""
+        if not self.t.run_dir.is_dir():
+            raise write_error(FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(self.t.run_dir)), path)
 
     # ---------------------------------------------------------------- restore
 
@@ -230,6 +273,7 @@ class Checkpoints:
         model_view, _ = t.sharded.view()
         if is_sharded(path):
             state = load_meta(path)
+            self.verify(path, state)
             check_compatible({**state, "model": model_shapes(path)}, t.cfg.model_dict(), model_view, path)
             self.check_data(state, path)
             t.sharded.load(path, self.group)  # each rank reads its own shards
@@ -240,7 +284,9 @@ class Checkpoints:
             self.check_data(state, path)
             names = t.sharded.param_names()
             t.sharded.place(state["model"], {names[int(i)]: per for i, per in state["optimizer"]["state"].items()})
-        t.scaler.load_state_dict(state["scaler"])
+        note = restore_scaler(t.scaler, state["scaler"])
+        if note:
+            t.notes.append(note)
         t.data.load_state_dict(state.get("data_stream"))
         vars(t.progress).update(asdict(progress_of(state)))  # in place: the loop holds this object
         t.guard.load_state_dict(state.get("guard") or t.guard.state_dict())
@@ -252,10 +298,34 @@ class Checkpoints:
                 torch.cuda.set_rng_state(rng["cuda"][t.mesh.rank].clone(), t.device)
         return state
 
+    def restore_verified(self, path: Optional[Path], auto: bool) -> tuple[Optional[Path], Optional[dict]]:
+        """(the checkpoint restored, its meta state), or (None, None) without one. With `auto`
+        (--resume auto) a checkpoint that fails verification is named, set aside, and the next older
+        one tried: none left, the lineage restarts at step 0."""
+        while path is not None:
+            try:
+                return path, self.restore(path)
+            except CheckpointDamaged as e:
+                if not auto:
+                    raise
+                damaged, why, log = path, str(e), self.t.log
+
+                def next_older():
+                    log.warn(f"skipped checkpoint {damaged.name}: {why}; moved to {set_aside(damaged).name}")
+                    return newest_whole(self.t.run_dir, move=True, report=log.warn)
+
+                path = decide(self.t.mesh, next_older)
+        return None, None
+
     def verify(self, path: Path, state: dict) -> None:
-        """The file's checksum, verified by every rank together: each re-reads 1/world of the file."""
+        """The file's checksum or the directory's manifest, verified by every rank together: each re-reads
+        1/world of the bytes. Raises CheckpointDamaged on every rank alike."""
         m = self.t.mesh
-        problems = [checksum_problem(path, state, m.rank, m.world)]
+        try:
+            mine = (sharded_problem if is_sharded(path) else checksum_problem)(path, state, m.rank, m.world)
+        except CheckpointError as e:  # no manifest: every rank finds the same
+            mine = str(e)
+        problems = [mine]
         if m.distributed:
             mine, problems = problems[0], [None] * m.world
             dist.all_gather_object(problems, mine, group=self.group)
@@ -283,6 +353,28 @@ class Checkpoints:
         if files and self.t.mesh.is_main:
             print(f"warning: the data files changed since {path} (" + "; ".join(files) + f"); continuing as "
                   f"run.allow_data_change allows: {DATA_CHANGE_RULE}", file=sys.stderr, flush=True)
+
+
+def storage_guarded(fn: Callable[[], Any], path: Path, nbytes: int, tmp: Optional[Path] = None) -> Any:
+    """fn(); a storage fault inside becomes a CheckpointWriteError naming it (`tmp` removed first)."""
+    try:
+        return fn()
+    except OSError as e:
+        if tmp is not None:
+            remove_temporary(tmp)
+        if os_error(e) is None:
+            raise
+        raise write_error(e, path, nbytes) from None
+
+
+def restore_scaler(scaler: torch.amp.GradScaler, saved: dict) -> Optional[str]:
+    """Load a checkpoint's GradScaler state; one saved without a scaler (a bf16 or fp32 run) resumed in
+    fp16 starts a fresh scaler at its initial scale instead. Returns what the header should say, if
+    anything."""
+    if scaler.is_enabled() and not saved:
+        return f"a fresh GradScaler (scale {scaler.get_scale():g}): the checkpoint was saved without one (bf16 or fp32)"
+    scaler.load_state_dict(saved)  # a no-op on a disabled scaler (fp16 -> bf16/fp32 drops the scale)
+    return None
 
 
 def progress_of(state: dict) -> Progress:

@@ -1,6 +1,6 @@
 """The training loop: set-up, `train_step` (read it whole), and `fit` (logs, evaluation, samples,
 checkpoints, stops). Checkpoint contents live in state.py, the guard's policies in guard.py, the run
-directory's ownership in run_dir.py and the metrics row in metrics/row.py.
+directory's ownership in dsmoe/checkpoint/run_dir.py and the metrics row in metrics/row.py.
 """
 from __future__ import annotations
 
@@ -28,18 +28,19 @@ from dsmoe.parallel.expert_state import ExpertShards, is_expert_param
 from dsmoe.parallel.fsdp import apply_fsdp, grad_norm_sets, optional_no_sync, place_shard
 from dsmoe.parallel.mesh import Mesh, init_mesh, missing_ranks, set_timeout
 from dsmoe.parallel.wrap import block_fn_for, compile_blocks, wrap_ddp
-from dsmoe.train import run_dir as rundir
-from dsmoe.train.checkpoint import is_sharded, peek, resolve_resume
+from dsmoe.checkpoint import run_dir as rundir
+from dsmoe.checkpoint import resolve
+from dsmoe.checkpoint.file import is_sharded, peek
 from dsmoe.train.faults import FaultInjector
 from dsmoe.train.init_from import load_weights
 from dsmoe.train.guard import Guard, GuardPolicy, params_all_finite
 from dsmoe.train.optim import build_optimizer, clip_grad_norm
 from dsmoe.train.data import TrainData
-from dsmoe.train.run_lock import RunLock
+from dsmoe.checkpoint.lock import RunLock
 from dsmoe.train.precision import apply_fp8, autocast, grad_scaler, resolve_precision
-from dsmoe.train.sharded_checkpoint import ShardedState, load_meta
+from dsmoe.checkpoint.sharded import ShardedState, load_meta
 from dsmoe.train.signals import StopRequest
-from dsmoe.train.state import Checkpoints, Progress, decide, schedule_of
+from dsmoe.train.state import Checkpoints, Progress, RunFinished, decide, schedule_of
 
 
 def batch_change(saved: dict, trainer) -> Optional[str]:
@@ -68,7 +69,10 @@ class Trainer:
         self.device = self.mesh.device
         self.run_dir = Path(cfg.run.dir)
         self.log = RunLogger(None, self.mesh.rank, 0, "off")  # until fit() opens the run's files
-        self.resumed_from = decide(self.mesh, lambda: resolve_resume(resume, self.run_dir))  # one decider
+        self.resume = resume
+        self.notes: list[str] = []  # what the header says about the resume (a fresh GradScaler, ...)
+        self.resumed_from = decide(self.mesh, lambda: resolve(resume, self.run_dir, "--resume", required=False,
+                                                              move=True, report=self.log.warn))  # one decider
         self.lineage = self._claim(write=False)  # refuse before any work: nothing written yet
         self.precision = resolve_precision(t.precision, self.device, t.tf32)
         self.tokenizer = get_tokenizer(cfg.data.tokenizer)
@@ -122,7 +126,11 @@ class Trainer:
                 moe.dispatcher.timer = self.timer
         if init_from is not None and self.resumed_from is None:
             load_weights(self, init_from)
-        saved = self.restore(self.resumed_from) if self.resumed_from is not None else None
+        self.resumed_from, saved = self.checkpoints.restore_verified(self.resumed_from, self.resume == "auto")
+        if saved is not None and self.progress.step >= t.steps:
+            raise RunFinished(f"{self.resumed_from} is at step {self.progress.step}, this run's last (train.steps="
+                              f"{t.steps}): nothing to train, nothing written. To train longer, run the same command "
+                              f"with --train.steps=N (N > {self.progress.step}); the schedule is extended from here")
         self.schedule = schedule_of(saved, t)
         self.schedule_change = self.schedule.extend(self.progress.sched_step)
         self.run_lock = RunLock(self.run_dir)
@@ -146,11 +154,16 @@ class Trainer:
             resume, lineage = self.resumed_from, None
             if resume is not None:
                 lineage = ((load_meta(resume) if is_sharded(resume) else peek(resume)).get("run") or {}).get("lineage")
-            lineage = rundir.claim(self.run_dir, resume, lineage, self.cfg.run.overwrite, write)
+            restart = resume is None and self.resume == "auto" and rundir.read_lineage(self.run_dir) is not None
+            lineage = rundir.claim(self.run_dir, resume, lineage, self.cfg.run.overwrite, write,
+                                   continue_without_checkpoint=self.resume == "auto", report=self.log.warn)
             if write:
                 rundir.remove_interrupted_saves(self.run_dir)
-                if resume is not None:
+                if resume is not None or restart:
                     rundir.supersede_rows(self.run_dir, self.progress.step)
+                if restart:
+                    self.notes.append("no checkpoint of this run yet: it starts again at step 0 (rows it logged "
+                                      "before are moved to metrics.superseded.jsonl)")
             return lineage
 
         return decide(self.mesh, on_rank0)
@@ -312,6 +325,8 @@ class Trainer:
         }
         if self.resumed_from is not None:
             rows["resumed from"] = f"{self.resumed_from} (step {p.step}, sample {p.samples})"
+        if self.notes:
+            rows["note"] = "; ".join(self.notes)
         return rows
 
     def fit(self) -> dict:
@@ -351,6 +366,7 @@ class Trainer:
                         break
                     self._periodic(history, end)
                     p.seconds = earlier + time.perf_counter() - began  # saved with the progress
+                    self.checkpoints.poll()  # a failed background save stops the run here
                     if cfg.checkpoint.every and p.step % cfg.checkpoint.every == 0 and p.step != end:
                         saved = self.checkpoints.save()
             p.seconds = earlier + time.perf_counter() - began

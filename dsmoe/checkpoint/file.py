@@ -3,11 +3,12 @@
 A checkpoint holds only tensors and primitives, so `torch.load(path, weights_only=True)` reads it;
 dsmoe reads it memory-mapped, so each rank of a resume reads only the parts it keeps. Its checksum is
 taken while it is written and verified in parts (checksum.py). Run directories hold single files
-`step_N.pt` and sharded directories `step_N/` (sharded_checkpoint.py) side by side; listing,
+`step_N.pt` and sharded directories `step_N/` (sharded.py) side by side; listing,
 `--resume auto` and keep-last-K treat both as checkpoints.
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -16,7 +17,7 @@ from typing import Callable, Optional
 
 import torch
 
-from dsmoe.train import checksum
+from dsmoe.checkpoint import checksum
 
 FORMAT = "dsmoe-checkpoint-v1"
 NAME = re.compile(r"^step_(\d+)(\.pt)?$")
@@ -25,6 +26,16 @@ SHARDED_META = "meta.pt"  # written last into a sharded directory, before the re
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message says why and what to do."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint that could not be written (full disk, read-only or vanished directory); its
+    temporaries are removed and the previous checkpoint is intact."""
+
+
+class CheckpointDamaged(CheckpointError):
+    """A checkpoint whose files are missing, altered, truncated or another run's: `--resume auto` moves
+    it aside and takes an earlier one."""
 
 
 def checkpoint_dir(run_dir: str | Path) -> Path:
@@ -40,16 +51,24 @@ def is_sharded(path: str | Path) -> bool:
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first: files, and directories holding their meta.pt (written last);
-    temporary files and directories of interrupted writes are ignored."""
+    """Committed checkpoints, oldest first: files and directories named step_N (temporaries of
+    interrupted writes are ignored). Whether each is whole is for verification to say."""
     d = checkpoint_dir(run_dir)
     found = [p for p in d.glob("step_*") if NAME.match(p.name)
-             and (p.is_file() if p.suffix == ".pt" else (p / SHARDED_META).is_file())] if d.is_dir() else []
+             and (p.is_file() if p.suffix == ".pt" else p.is_dir())] if d.is_dir() else []
     return sorted(found, key=lambda p: (int(NAME.match(p.name).group(1)), p.is_file()))
 
 
 def remove_checkpoint(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+
+
+def remove_temporary(path: Path) -> None:
+    """A failed save's temporary file or directory, removed as far as the disk lets it."""
+    try:
+        remove_checkpoint(path)
+    except OSError:
+        pass
 
 
 def prune(run_dir: str | Path, keep_last: Optional[int], just_written: Path) -> None:
@@ -80,35 +99,73 @@ def save_checkpoint(state: dict, path: str | Path, keep_last: Optional[int] = No
 
     The file carries sha256 digests of its bytes, taken as they are written (checksum.py), checked on load."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        writer = checksum.DigestWriter(f, checksum.chunk_size(checksum.tensor_bytes(state)))
-        torch.save({"format": FORMAT, **state}, writer)
-        writer.seal()
-        f.flush()
-        os.fsync(f.fileno())
-    if before_commit is not None:
-        before_commit()
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    nbytes = checksum.tensor_bytes(state)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            writer = checksum.DigestWriter(f, checksum.chunk_size(nbytes))
+            torch.save({"format": FORMAT, **state}, writer)
+            writer.seal()
+            f.flush()
+            os.fsync(f.fileno())
+        if before_commit is not None:
+            before_commit()
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except Exception as e:
+        remove_temporary(tmp)
+        if os_error(e) is None:
+            raise
+        raise write_error(e, path, nbytes) from None
     prune(path.parent.parent, keep_last, path)
     return path
 
 
-def resolve_resume(resume: Optional[str], run_dir: str | Path) -> Optional[Path]:
-    """`auto` -> the newest complete checkpoint in the run directory (None on a fresh run)."""
-    if resume in (None, "", "none"):
-        return None
-    if resume == "auto":
-        return latest_checkpoint(run_dir)
-    path = Path(resume)
-    if not path.exists():
-        hint = latest_checkpoint(run_dir)
-        raise CheckpointError(f"checkpoint '{path}' does not exist"
-                              + (f"; the newest in {run_dir} is {hint}" if hint else "")
-                              + " (use --resume auto to take the newest one, or omit --resume to start fresh)")
-    return path
+# why each storage fault stops a save, and what to do
+_FIXES = {
+    errno.ENOSPC: "the disk is full: free space there, or move the run directory to a disk with room and run the "
+                  "same command with --resume auto (and --run.dir there)",
+    errno.EROFS: "the file system is read-only: remount it writable, or copy the run directory to a writable disk "
+                 "and run the same command with --resume auto and --run.dir there",
+    errno.EACCES: "this user may not write there: fix the directory's permissions (chmod/chown) or its owner, then "
+                  "run the same command with --resume auto",
+    errno.ENOENT: "the run directory was deleted or moved while the run wrote to it: restore it (its checkpoints "
+                  "with it) and run the same command with --resume auto",
+}
+_FIXES[errno.EDQUOT] = _FIXES[errno.ENOSPC]
+_FIXES[errno.EPERM] = _FIXES[errno.EACCES]
+
+
+def os_error(e: BaseException) -> Optional[OSError]:
+    """The OSError behind `e`: itself, the error torch.save or DCP raised on top of it (RuntimeError,
+    CheckpointException), or None."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno is not None:
+            return e
+        failures = getattr(e, "failures", None)  # DCP's CheckpointException: {rank: (error, traceback)}
+        e = next(iter(failures.values()))[0] if failures else (e.__cause__ or e.__context__)
+    return None
+
+
+def write_error(e: BaseException, path: Path, nbytes: Optional[int] = None) -> CheckpointWriteError:
+    """One message for a save that a storage fault stopped: the path, the cause, the fix, the bytes
+    needed (full disk), and the previous checkpoint (intact: saves commit by rename)."""
+    err = os_error(e)
+    cause = f"{err.strerror} [{errno.errorcode.get(err.errno, err.errno)}]" + (f" at {err.filename}" if err.filename else "")
+    lines = [f"checkpoint {path} could not be written: {cause}.",
+             "  fix: " + _FIXES.get(err.errno, "make the run directory writable, then run the same command with "
+                                                "--resume auto")]
+    if err.errno in (errno.ENOSPC, errno.EDQUOT) and nbytes:
+        existing = next((p for p in [Path(path), *Path(path).parents] if p.exists()), Path("/"))
+        lines.append(f"  it needs about {nbytes / 2**20:.1f} MiB; {shutil.disk_usage(existing).free / 2**20:.1f} MiB "
+                     f"were free on {existing} when the write failed")
+    previous = [p for p in list_checkpoints(Path(path).parent.parent) if p.name != Path(path).name]
+    lines.append("  its temporary files were removed; "
+                 + (f"the previous checkpoint {previous[-1]} is intact" if previous else "there is no earlier checkpoint"))
+    return CheckpointWriteError("\n".join(lines))
 
 
 def _open(path: Path) -> dict:
@@ -119,9 +176,9 @@ def _open(path: Path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # truncated zip, bad pickle, wrong file: all unusable
         if not _is_zip(path):
-            raise CheckpointError(f"'{path}' is not a checkpoint (not a torch.save archive): pass a step_N.pt file "
+            raise CheckpointDamaged(f"'{path}' is not a checkpoint (not a torch.save archive): pass a step_N.pt file "
                                   f"or a step_N/ directory, or --resume auto") from None
-        raise CheckpointError(f"checkpoint '{path}' is truncated or corrupt ({type(e).__name__}); "
+        raise CheckpointDamaged(f"checkpoint '{path}' is truncated or corrupt ({type(e).__name__}); "
                               f"resume from an earlier checkpoint in {path.parent}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
@@ -159,8 +216,8 @@ def checksum_problem(path: Path, state: dict, part: int = 0, parts: int = 1) -> 
 def raise_if_corrupt(path: Path, problems: list[Optional[str]]) -> None:
     found = [p for p in problems if p]
     if found:
-        raise CheckpointError(f"checkpoint '{path}' fails its checksum ({found[0]}); "
-                              f"resume from an earlier checkpoint in {path.parent}")
+        raise CheckpointDamaged(f"checkpoint '{path}' fails verification ({found[0]}); move it away and resume "
+                                f"from an earlier checkpoint (--resume auto does)")
 
 
 def _is_zip(path: Path) -> bool:

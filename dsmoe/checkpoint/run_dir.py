@@ -15,10 +15,11 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from dsmoe.config import ConfigError
-from dsmoe.train.checkpoint import NAME, checkpoint_dir, list_checkpoints
+from dsmoe.checkpoint.file import NAME, checkpoint_dir, list_checkpoints
+from dsmoe.checkpoint.resolve import problem, set_aside
 
 RUN_FILE = "run.json"
 RUN_FILES = ("metrics.jsonl", "metrics.csv", "samples.jsonl", "config.yaml")  # what a run writes besides checkpoints
@@ -74,15 +75,21 @@ def step_of(path: Path) -> int:
 
 
 def claim(run_dir: Path, resume: Optional[Path], resume_lineage: Optional[str], overwrite: bool,
-          write: bool = True) -> str:
+          write: bool = True, continue_without_checkpoint: bool = False,
+          report: Callable[[str], None] = print) -> str:
     """Rank 0: make `run_dir` this run's, or refuse. Returns the lineage the run writes under. With
-    write=False only the checks run (nothing is created or moved).
+    write=False only the checks run (nothing is created or moved). `continue_without_checkpoint`
+    (--resume auto): a lineage with no checkpoint yet is continued from step 0, not refused. A resume
+    of an older checkpoint is accepted when every newer one fails verification; those are set aside
+    (named to `report`).
 
     Raises RunDirError when a fresh run meets another run's files, when a resume meets another
     lineage's directory, or when newer checkpoints of the same lineage would be overwritten."""
     run_dir = Path(run_dir)
     owner = read_lineage(run_dir)
     if resume is None:
+        if continue_without_checkpoint and owner is not None and not list_checkpoints(run_dir):
+            return owner  # killed before its first checkpoint: the lineage starts again at step 0
         if holds_a_run(run_dir):
             if not overwrite:
                 newest = list_checkpoints(run_dir)
@@ -108,11 +115,17 @@ def claim(run_dir: Path, resume: Optional[Path], resume_lineage: Optional[str], 
                           f"vs {lineage}). Nothing was written. Continue this checkpoint in a new directory: "
                           f"--run.dir=DIR (or move {run_dir} away)")
     newer = [p for p in list_checkpoints(run_dir) if step_of(p) > step_of(resume)] if NAME.match(resume.name) else []
+    damaged = {p: problem(p, digests=True) for p in newer}
+    newer = [p for p in newer if damaged[p] is None]
     if newer:
         raise RunDirError(f"{run_dir} holds newer checkpoints of this run ({', '.join(p.name for p in newer)}) than "
                           f"{resume.name}: continuing here would overwrite them. Nothing was written. Use "
                           f"--resume auto to continue the newest, or branch from {resume.name} into a new "
                           f"--run.dir=DIR")
+    if write:  # every newer one failed verification: set aside, so the resume continues past them
+        for p, why in damaged.items():
+            report(f"checkpoint {p.name} is newer than {resume.name} but unusable ({why}); moved to "
+                   f"{set_aside(p).name}")
     if owner is None and write:
         write_run_file(run_dir, lineage, started_from=str(resume))
     return lineage

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from dsmoe.train.run_dir import RunDirError
+from dsmoe.checkpoint.run_dir import RunDirError
 
 try:
     import fcntl

@@ -99,6 +99,26 @@ def _read_digests(tail: bytes) -> Optional[tuple[int, list[bytes], int]]:
         return None
 
 
+def _digests_of(f, size: int):
+    """(chunk, digests, comment length) of an open file of `size` bytes, or what is wrong."""
+    f.seek(max(0, size - EOCD_BYTES - MAX_COMMENT))
+    found = _read_digests(f.read())
+    if found is None:
+        return "it carries no checksum: it was cut, or rewritten after dsmoe wrote it"
+    chunk, digests, comment = found
+    if len(digests) != -(-(size - comment) // chunk):
+        return f"{len(digests)} digests for {size - comment} bytes in chunks of {chunk}: the file was cut or extended"
+    return found
+
+
+def layout_problem(path: str | Path) -> Optional[str]:
+    """Whether the file's digests are there and cover its length (its tail is read, nothing hashed)."""
+    size = Path(path).stat().st_size
+    with open(path, "rb") as f:
+        found = _digests_of(f, size)
+    return found if isinstance(found, str) else None
+
+
 def problem(path: str | Path, part: int = 0, parts: int = 1) -> Optional[str]:
     """None when chunks part, part + parts, ... of the file match their digests; else what is wrong.
     The digests were taken before `seal` wrote the comment's length (the archive's last 2 bytes, zero
@@ -106,14 +126,11 @@ def problem(path: str | Path, part: int = 0, parts: int = 1) -> Optional[str]:
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
-        f.seek(max(0, size - EOCD_BYTES - MAX_COMMENT))
-        found = _read_digests(f.read())
-        if found is None:
-            return "it carries no checksum: it was rewritten after dsmoe wrote it"
+        found = _digests_of(f, size)
+        if isinstance(found, str):
+            return found
         chunk, digests, comment = found
         end = size - comment  # the archive as torch.save wrote it
-        if len(digests) != -(-end // chunk):
-            return f"{len(digests)} digests for {end} bytes in chunks of {chunk}: the file was cut or extended"
         for i in range(part, len(digests), parts):
             start, stop = i * chunk, min((i + 1) * chunk, end)
             h, pos = hashlib.sha256(), start

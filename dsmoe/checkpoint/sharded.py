@@ -4,18 +4,21 @@ in parallel, that any layout (world size, ep, DDP or FSDP2) resumes; the default
     checkpoints/step_0000100/
         __0_0.distcp ...    tensor shards, one file per rank (DCP)
         .metadata           DCP's index: every tensor's global shape and where its chunks lie
-        meta.pt             progress, scaler, guard, RNG, config, layout (rank 0, written last)
+        meta.pt             progress, scaler, guard, RNG, config, layout (rank 0)
+        manifest.json       every file's sha256 and size, the run's lineage (rank 0, written last: manifest.py)
 
 Keys: `model.<name>` and `optimizer.<param name>.<state>` (exp_avg, exp_avg_sq, step), each a global
 tensor at the single-process shape (`ShardedState`). The directory is written as `.step_N.tmp` and
 renamed once complete, so `--resume auto` never sees a partial one. With `checkpoint.async_save` the
 shards are written on a background thread (`dcp.async_save`, after a host copy is staged) and rank 0
-renames when every rank's are written. `python -m dsmoe.train.convert` turns a directory into one
+renames when every rank's are written. `python -m dsmoe.checkpoint.convert` turns a directory into one
 `step_N.pt` file and back.
 """
 from __future__ import annotations
 
 import functools
+import hashlib
+import io
 import os
 import shutil
 import warnings
@@ -26,7 +29,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.staging import AsyncStager, DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 from torch.distributed.device_mesh import DeviceMesh
@@ -35,7 +38,9 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from dsmoe.parallel.expert_state import ExpertShards
 from dsmoe.parallel.fsdp import local, place_shard
 from dsmoe.parallel.mesh import Mesh
-from dsmoe.train.checkpoint import SHARDED_META, CheckpointError, fsync_dir, prune
+from dsmoe.checkpoint.file import SHARDED_META, CheckpointDamaged, CheckpointError, fsync_dir, prune
+from dsmoe.checkpoint.manifest import MANIFEST, ManifestWriter, SafeReader, read_manifest, read_metadata_file, write_manifest
+from dsmoe.checkpoint.manifest import problem as manifest_problem
 
 SHARDED_FORMAT = "dsmoe-sharded-v1"
 
@@ -115,7 +120,8 @@ class ShardedState:
         saved_optimizer = any(k.startswith("optimizer.") for k in tensor_shapes(path))
         if not saved_optimizer:  # saved before the first step: so is this optimizer
             self.optimizer.state.clear()
-        dcp.load(self.tensors(saved_optimizer), checkpoint_id=str(path), process_group=group, no_dist=group is None)
+        load_shards(self.tensors(saved_optimizer), path, group)
+
 
     @torch.no_grad()
     def gather(self) -> tuple[dict, dict]:
@@ -155,6 +161,26 @@ class ShardedState:
                     place_shard(v, optim_state[n][k])
 
 
+def load_shards(tensors: dict, path: Path, group: Optional[dist.ProcessGroup] = None) -> None:
+    """DCP's load into `tensors` (verify the directory first: see manifest.py); `.metadata` is read
+    by the restricted unpickler. An unreadable shard is a CheckpointDamaged naming the directory."""
+    try:
+        dcp.load(tensors, storage_reader=SafeReader(str(path)), process_group=group, no_dist=group is None)
+    except (Exception, CheckpointException) as e:
+        inner = unwrap(e)
+        if isinstance(inner, CheckpointError):
+            raise inner from None
+        raise CheckpointDamaged(f"the shards of '{path}' are unreadable ({type(inner).__name__}: {inner}); move it "
+                                f"away and resume from an earlier checkpoint (--resume auto does)") from None
+
+
+def unwrap(e: BaseException) -> BaseException:
+    """The first rank's own error inside DCP's CheckpointException (a BaseException, with tracebacks)."""
+    while isinstance(e, CheckpointException) and e.failures:
+        e = next(iter(e.failures.values()))[0]
+    return e
+
+
 def write_shards(tensors: dict, directory: Path, group: Optional[dist.ProcessGroup],
                  stager: Optional[AsyncStager] = None) -> Optional[Future]:
     """Every rank writes its chunks of `tensors` into `directory` (DCP planning over `group`; None: this
@@ -162,9 +188,9 @@ def write_shards(tensors: dict, directory: Path, group: Optional[dist.ProcessGro
     future completes when every rank's chunks and the index are written (dcp.async_save, on a thread;
     it needs a CPU process group)."""
     if stager is not None:
-        return dcp.async_save(tensors, checkpoint_id=str(directory), process_group=group, no_dist=group is None,
-                              async_stager=stager)
-    dcp.save(tensors, checkpoint_id=str(directory), process_group=group, no_dist=group is None)
+        return dcp.async_save(tensors, storage_writer=ManifestWriter(directory), process_group=group,
+                              no_dist=group is None, async_stager=stager)
+    dcp.save(tensors, storage_writer=ManifestWriter(directory), process_group=group, no_dist=group is None)
     return None
 
 
@@ -203,7 +229,7 @@ def staging_dir(path: Path) -> Path:
 
 def commit_sharded(tmp: Path, path: Path, meta: dict, keep_last: Optional[int],
                    before_commit: Optional[Callable[[], None]] = None) -> Path:
-    """Rank 0, once every rank's chunks are in `tmp`: meta.pt last, rename, prune."""
+    """Rank 0, once every rank's chunks are in `tmp`: meta.pt, the manifest last, rename, prune."""
     write_meta(meta, tmp)
     if before_commit is not None:
         before_commit()
@@ -213,10 +239,16 @@ def commit_sharded(tmp: Path, path: Path, meta: dict, keep_last: Optional[int],
 
 
 def write_meta(meta: dict, directory: Path) -> None:
+    """meta.pt, then the manifest of every file in `directory` (every rank's shards written)."""
+    buf = io.BytesIO()
+    torch.save({"format": SHARDED_FORMAT, **meta}, buf)
+    data = buf.getbuffer()
     with open(directory / SHARDED_META, "wb") as f:
-        torch.save({"format": SHARDED_FORMAT, **meta}, f)
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
+    write_manifest(directory, (meta.get("run") or {}).get("lineage"), int(meta["progress"]["step"]),
+                   {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)})
 
 
 def commit(tmp: Path, path: Path) -> None:
@@ -229,99 +261,39 @@ def commit(tmp: Path, path: Path) -> None:
 def load_meta(path: Path) -> dict:
     """meta.pt of a sharded directory, checked; the error says what is wrong and what to do."""
     meta_file = path / SHARDED_META
-    if not (path / ".metadata").is_file() or not meta_file.is_file():
-        raise CheckpointError(f"'{path}' is not a complete sharded checkpoint (no .metadata or {SHARDED_META}); "
-                              f"resume from an earlier checkpoint in {path.parent}")
+    missing = [n for n in (".metadata", SHARDED_META, MANIFEST) if not (path / n).is_file()]
+    if missing:
+        raise CheckpointDamaged(f"'{path}' is not a complete sharded checkpoint (no {' or '.join(missing)}); "
+                                f"move it away and resume from an earlier checkpoint (--resume auto does)")
     try:
         meta = torch.load(meta_file, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"'{meta_file}' is truncated or corrupt ({type(e).__name__}: {e}); "
-                              f"resume from an earlier checkpoint in {path.parent}") from None
+        raise CheckpointDamaged(f"'{meta_file}' is truncated or corrupt ({type(e).__name__}: {e}); move {path} "
+                                f"away and resume from an earlier checkpoint (--resume auto does)") from None
     if not isinstance(meta, dict) or meta.get("format") != SHARDED_FORMAT:
-        raise CheckpointError(f"'{path}' is not a dsmoe sharded checkpoint")
+        raise CheckpointDamaged(f"'{path}' is not a dsmoe sharded checkpoint")
     return meta
+
+
+def sharded_problem(path: Path, meta: dict, part: int = 0, parts: int = 1, digests: bool = True) -> Optional[str]:
+    """What is wrong with files part, part + parts, ... of a sharded directory against its manifest
+    (and, part 0, with its set of files and lineage); None: nothing. Raises CheckpointDamaged without
+    a manifest."""
+    return manifest_problem(path, read_manifest(path), (meta.get("run") or {}).get("lineage"), part, parts,
+                            digests)
+
+
+def read_metadata(path: Path):
+    """DCP's index of a sharded directory (its `.metadata`), read without running code."""
+    return read_metadata_file(path / ".metadata")
 
 
 def tensor_shapes(path: Path) -> dict[str, torch.Size]:
     """Global shapes of the saved tensors, from DCP's index (no tensor data is read)."""
-    try:
-        metadata = FileSystemReader(str(path)).read_metadata()
-    except Exception as e:
-        raise CheckpointError(f"the index of '{path}' is unreadable ({type(e).__name__}: {e}); "
-                              f"resume from an earlier checkpoint in {path.parent}") from None
-    return {k: v.size for k, v in metadata.state_dict_metadata.items() if hasattr(v, "size")}
+    return {k: v.size for k, v in read_metadata(path).state_dict_metadata.items() if hasattr(v, "size")}
 
 
 def model_shapes(path: Path) -> dict[str, torch.Tensor]:
     """The saved model's tensors as meta tensors, for `check_compatible`."""
     return {k[len("model."):]: torch.empty(size, device="meta")
             for k, size in tensor_shapes(path).items() if k.startswith("model.")}
-
-
-# ------------------------------------------------------------------ one process: the converter, inference
-# format_utils' dcp_to_torch_save / torch_save_to_dcp convert DCP's own keys one to one; a dsmoe file
-# keys the optimizer state by parameter index (what optimizer.load_state_dict takes), carries meta.pt's
-# contents beside the tensors, and is read with weights_only (torch_save_to_dcp unpickles anything):
-# hence the mapping below.
-
-def read_all(path: Path) -> dict:
-    """Every tensor of a sharded directory, whole, into this process (no process group needed)."""
-    metadata = FileSystemReader(str(path)).read_metadata().state_dict_metadata
-    tensors = {key: torch.empty(size, dtype=metadata[key].properties.dtype)
-               for key, size in tensor_shapes(path).items()}
-    dcp.load(tensors, checkpoint_id=str(path), no_dist=True)
-    return tensors
-
-
-def param_order(cfg_dict: dict, vocab_size: int) -> tuple[list[str], list[str]]:
-    """Parameter names in optimizer order, decayed then not (index i of a single-file optimizer state)."""
-    from dsmoe.config import from_dict
-    from dsmoe.model import Transformer
-    from dsmoe.train.optim import decay_split
-
-    with torch.device("meta"):
-        model = Transformer(from_dict(cfg_dict), vocab_size)
-    return decay_split(model)
-
-
-def to_file_state(path: Path) -> dict:
-    """A sharded directory as the state of a single-file checkpoint (what `save_checkpoint` takes)."""
-    from dsmoe.config import from_dict
-    from dsmoe.train.optim import param_groups_layout
-
-    meta = load_meta(path)
-    tensors = read_all(path)
-    decay, no_decay = param_order(meta["config"], int(meta["data"]["vocab_size"]))
-    index = {n: i for i, n in enumerate(decay + no_decay)}
-    optim_state: dict = {}
-    for key, v in tensors.items():
-        if key.startswith("optimizer."):
-            name, state_key = key[len("optimizer."):].rsplit(".", 1)
-            optim_state.setdefault(index[name], {})[state_key] = v
-    groups = param_groups_layout(len(decay), len(no_decay), from_dict(meta["config"]).train)
-    state = {k: v for k, v in meta.items() if k != "format"}
-    state["model"] = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    state["optimizer"] = {"state": dict(sorted(optim_state.items())), "param_groups": groups}
-    return state
-
-
-def from_file_state(state: dict) -> tuple[dict, dict]:
-    """A single-file checkpoint's state as (tensors, meta) for a sharded directory."""
-    decay, no_decay = param_order(state["config"], int(state["data"]["vocab_size"]))
-    order = decay + no_decay
-    tensors = {f"model.{k}": v for k, v in state["model"].items()}
-    for i, per_param in state["optimizer"]["state"].items():
-        for key, v in per_param.items():
-            tensors[f"optimizer.{order[int(i)]}.{key}"] = v
-    meta = {k: v for k, v in state.items() if k not in ("model", "optimizer", "format", "checksum")}
-    return tensors, meta
-
-
-def save_unsharded_as_sharded(state: dict, path: Path) -> Path:
-    """One process writes a single-file checkpoint's state as a sharded directory."""
-    tensors, meta = from_file_state(state)
-    tmp = staging_dir(path)
-    write_shards(tensors, tmp, None)
-    write_meta(meta, tmp)
-    commit(tmp, path)
-    return path
