@@ -67,3 +67,13 @@ def test_imports_point_downward_only():
 def test_every_package_has_a_layer():
     packages = {p.name for p in DSMOE.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
     assert packages <= set(LAYER), f"give these packages a layer in tests/test_layers.py: {packages - set(LAYER)}"
+
+
+def test_the_readme_layout_names_every_package_and_command():
+    readme = (DSMOE.parent / "README.md").read_text()
+    layout = readme[readme.index("## Layout"):]
+    layout = layout[:layout.index("\n## ", 1)] if "\n## " in layout[1:] else layout
+    packages = [f"dsmoe/{p.name}/" for p in DSMOE.iterdir() if (p / "__init__.py").exists()]
+    commands = [p.name for p in DSMOE.glob("*.py") if p.name != "__init__.py"]
+    missing = [name for name in packages + commands if name not in layout]
+    assert not missing, f"README's Layout section does not name: {missing}"
