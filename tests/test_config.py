@@ -88,8 +88,6 @@ def test_a_union_field_takes_words_and_uris():
     ("--train.sample_every=-1", "train.sample_every=-1 must be >= 0"),
     ("--train.log_every=0", "train.log_every=0 must be >= 1"),
     ("--train.stop_after=0", "train.stop_after=0 must be >= 1 or null"),
-    ("--train.sample_tokens=300", "train.sample_tokens=300 leaves no room for a prompt in model.max_seq_len=256: "
-                                  "lower it below 256"),
     ("--train.temperature=-1", "train.temperature=-1.0 must be a finite number >= 0: 0 samples greedily"),
     ("--model.norm_eps=0", "model.norm_eps=0.0 must be a finite number > 0"),
     ("--moe.z_loss_coef=-1", "moe.z_loss_coef=-1.0 must be a finite number >= 0: 0 turns it off"),
@@ -111,3 +109,20 @@ def test_dry_run_refuses_an_infinite_learning_rate_with_exit_2(tmp_path):
                           f"--run.dir={tmp_path / 'r'}"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "train.lr=inf must be a finite number > 0" in out.stderr
     assert "Traceback" not in out.stderr and not (tmp_path / "r").exists()
+
+
+def test_a_sample_longer_than_the_context_is_refused_by_the_trainer_and_the_dry_run(tmp_path):
+    """Sampling is training's: a model-only config loads, the trainer and --dry-run refuse it first."""
+    from conftest import REPO
+
+    from dsmoe.train.trainer import Trainer
+
+    cfg = load_config(CONFIG_ROOT / "runs" / "tiny-shakespeare.yaml",
+                      ["--train.sample_tokens=300", f"--run.dir={tmp_path / 'r'}"])
+    message = "train.sample_tokens=300 leaves no room for a prompt in model.max_seq_len=256: lower it below 256"
+    with pytest.raises(ConfigError, match=message):
+        Trainer(cfg)
+    out = subprocess.run([sys.executable, str(REPO / "launch" / "train.py"), "--dry-run", "--train.sample_tokens=300",
+                          f"--run.dir={tmp_path / 'r'}"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "r").exists()

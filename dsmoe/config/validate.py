@@ -106,11 +106,6 @@ def _check_ranges(cfg: Config, need) -> None:
          f"(or set train.eval_every=0 to skip validation)")
     need(t.stop_after is None or t.stop_after >= 1, f"train.stop_after={t.stop_after} must be >= 1 or null")
     need(t.sample_top_k >= 0 and t.threads >= 0, "train.sample_top_k and train.threads must be >= 0 (0 = off / auto)")
-    if t.sample_every:  # a prompt longer than the rest keeps its last tokens; at least one must fit
-        need(1 <= t.sample_tokens < m.max_seq_len,
-             f"train.sample_tokens={t.sample_tokens} leaves no room for a prompt in model.max_seq_len="
-             f"{m.max_seq_len}: lower it below {m.max_seq_len} (or raise model.max_seq_len, or set "
-             f"train.sample_every=0)")
     for name, v in (("model.rope_theta", m.rope_theta), ("model.norm_eps", m.norm_eps),
                     ("model.init_std", m.init_std), ("moe.routed_scaling_factor", e.routed_scaling_factor)):
         finite(name, v, 0, True, "see --help-config for its meaning and usual value")
@@ -123,3 +118,14 @@ def _check_ranges(cfg: Config, need) -> None:
          "data.shuffle_buffer must be >= 1 (1 = the dataset's order), data.workers and data.val_documents >= 0")
     need(d.streams is None or d.streams >= 1, f"data.streams={d.streams} must be >= 1 or null (one per shard)")
     need(p.ddp_bucket_mb > 0 and p.ac_every_n >= 1, "parallel.ddp_bucket_mb must be > 0 and parallel.ac_every_n >= 1")
+
+
+def validate_training(cfg: Config) -> None:
+    """What only a training run needs of a config, checked by the trainer and `--dry-run` before anything
+    is written (a model-only use, an export or a benchmark, never samples). Raises ConfigError."""
+    t, m = cfg.train, cfg.model
+    # a prompt longer than the rest keeps its last tokens: at least one must fit
+    if t.sample_every and not 1 <= t.sample_tokens < m.max_seq_len:
+        raise ConfigError(f"train.sample_tokens={t.sample_tokens} leaves no room for a prompt in model.max_seq_len="
+                          f"{m.max_seq_len}: lower it below {m.max_seq_len} (or raise model.max_seq_len, or set "
+                          f"train.sample_every=0)")

@@ -6,7 +6,7 @@ from typing import Optional
 
 import torch
 
-from dsmoe.config import Config, ConfigError
+from dsmoe.config import Config, ConfigError, validate_training
 from dsmoe.tools.fit import format_estimate, gpu_of, memory_budget, suggest, verdict
 from dsmoe.metrics.logger import fmt_tokens
 from dsmoe.tools.memory import estimate_memory
@@ -39,6 +39,7 @@ def print_plan(cfg: Config, world: int, config_path: Optional[str] = None) -> bo
     """Print world layout, parameters per rank, tokens per step, precision and memory; True if it fits."""
     from rich.console import Console
 
+    validate_training(cfg)
     console = Console()
     ep = cfg.parallel.ep
     if world % ep:

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from dsmoe.config import Config, ConfigError, dump_yaml
+from dsmoe.config import Config, ConfigError, dump_yaml, validate_training
 from dsmoe.data import get_tokenizer, padded_vocab_size
 from dsmoe.tools.fit import device_margin_warning
 from dsmoe.infer import generate_ids
@@ -63,6 +63,7 @@ class Trainer:
                  init_from: Optional[str] = None):
         """`resume`: a checkpoint path or 'auto'; `init_from`: weights to start a fresh run from (a
         transformers directory or a dsmoe checkpoint; ignored when a resume finds a checkpoint)."""
+        validate_training(cfg)
         self.cfg = cfg
         t = cfg.train
         self.mesh = mesh or init_mesh(t.device, cfg.parallel.ep, cfg.parallel.timeout_s, cfg.parallel.connect_timeout_s)
