@@ -109,11 +109,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def find_result(name: str, devices: list[str], date: str, since: float):
-    """The JSON `name` wrote in this run (mtime after `since`), under any of the device names."""
+    """The JSON `name` wrote in this run (mtime after `since`), under any of the device names; of
+    timestamped files (<date>T<time>), the newest."""
     for dev in devices:
-        path = RESULTS_DIR / f"{name}-{dev}-{date}.json"
-        if path.exists() and path.stat().st_mtime >= since - 1:
-            return path
+        paths = [RESULTS_DIR / f"{name}-{dev}-{date}.json", *sorted(RESULTS_DIR.glob(f"{name}-{dev}-{date}T*.json"))[::-1]]
+        for path in paths:
+            if path.exists() and path.stat().st_mtime >= since - 1:
+                return path
     return None
 
 
