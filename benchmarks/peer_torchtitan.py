@@ -37,7 +37,7 @@ ratio is kept: the speedup is the median of those per-round ratios (tokens/s fro
 Memory: CUDA max_memory_allocated above the step's start plus parameters and AdamW state; CPU: the bytes
 autograd saves in one forward (dsmoe.metrics.memory.saved_tensor_bytes) plus parameters, gradients and
 AdamW state. Goals: dsmoe >= 1.0x torchtitan's tokens/s on CPU, >= 1.2x on CUDA, at no more memory.
-Every round's ratio is kept in the JSON: benchmarks/results/peer_torchtitan[-quick]-<shape>-<device>-<date>T<time>.json
+Every round's ratio is kept in the JSON, with the shape: benchmarks/results/peer_torchtitan[-quick]-<device>-<date>T<time>.json
 (a later run never overwrites an earlier one's rounds).
 """
 from __future__ import annotations
@@ -347,7 +347,8 @@ def run(args) -> dict:
              {"goal": "same function: logits RMS and loss within the limits", "value": check["logits_rms_rel_diff"],
               "target": CHECK_LIMITS["logits_rms_rel"], "met": check["agree"]}]
     mib = 2 ** 20
-    print_table(f"Training step, dsmoe vs torchtitan DeepSeekV3Model: {args.preset} ({cfg.model.n_layers} layers, "
+    print_table(f"Training step, dsmoe vs torchtitan DeepSeekV3Model: {args.shape} ({args.preset} preset, "
+                f"d {cfg.model.d_model}, {cfg.model.n_layers} layers, {cfg.moe.n_routed_experts} experts top-{cfg.moe.top_k}, "
                 f"{n_params / 1e6:.1f}M params), batch {args.batch} x seq {args.seq}, {args.dtype}, {device_name(device)} "
                 f"(warmup {args.warmup}, {args.iters} interleaved rounds)",
                 ["impl", "ms / step (median)", "min ms", "tokens/s", "saved act MiB", "peak MiB"],

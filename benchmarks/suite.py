@@ -199,15 +199,18 @@ def md_moe(res: dict) -> list[str]:
              _f(r.get("ratio_vs_dense"), ".2f")] for r in res["rows"]]
     head = [f"{res.get('tokens')} tokens, {res.get('dtype')}, fwd+bwd, median of {res.get('iters')} "
             f"(loop: {res.get('loop_iters')})", ""]
-    return head + _table(["shape", "impl", "tokens", "ms", "tokens/s", "vs dense"], rows) + _goals(res)
+    return head + _table(["shape", "impl", "tokens", "ms", "tokens/s", "time / dense (>1 = slower)"], rows) + _goals(res)
 
 
 def md_ep(res: dict) -> list[str]:
     rows = [[r["shape"], r["tokens_per_rank"], _f(r["a2a_ms"], ".2f"), _f(r["dispatch_combine_ms"], ".2f"),
-             _f(r["dispatch_vs_a2a"], ".2f"), _f(r.get("a2a_gb_per_s_per_rank"), ".2f"),
+             _f(r["dispatch_vs_a2a"], ".2f"),
+             f'{_f(r.get("dispatch_vs_a2a_min"), ".2f")}-{_f(r.get("dispatch_vs_a2a_max"), ".2f")}',
+             _f(r.get("a2a_gb_per_s_per_rank"), ".2f"),
              _f(r.get("layer_fwd_bwd_ms"), ",.1f")] for r in res["rows"]]
     head = [f"world {res.get('world_size')}, ep {res.get('ep')}, {res.get('backend')}, {res.get('dtype')}", ""]
-    return head + _table(["shape", "tokens/rank", "bare a2a ms", "dispatch+combine ms", "ratio", "a2a GB/s/rank",
+    return head + _table(["shape", "tokens/rank", "bare a2a ms", "dispatch+combine ms", "time / bare a2a (>1 = slower)",
+                          "range over rounds", "a2a GB/s/rank",
                           "layer fwd+bwd ms"], rows) + _goals(res)
 
 
