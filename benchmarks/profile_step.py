@@ -76,6 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="profiled steps (default 5; 3 with --quick)")
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="bf16: autocast")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--top", type=int, default=12, help="ops listed by self time per shape (0: none)")
     p.add_argument("--no-save", action="store_true")
     args = p.parse_args(argv)
     args.batch = args.batch or (2 if args.quick else 4)
@@ -129,9 +130,10 @@ def _backward_node(event):
     return None
 
 
-def categorize(events) -> dict:
+def categorize(events, per_op: collections.Counter | None = None) -> dict:
     """Self time (us) per category over profiler `events` (FunctionEvents of the step), and the casts'
-    self time per region they ran in ("cast@<region>" keys; "cast@model" outside the regions)."""
+    self time per region they ran in ("cast@<region>" keys; "cast@model" outside the regions).
+    `per_op`, when given, is added each op's self time under (category, op name)."""
     forward_region = {}  # autograd sequence number -> region of the forward op that made the node
     for e in events:
         if e.sequence_nr >= 0 and _backward_node(e) is None and e.sequence_nr not in forward_region:
@@ -145,6 +147,8 @@ def categorize(events) -> dict:
             continue
         if name in GEMM_OPS:
             totals["GEMM"] += e.self_cpu_time_total
+            if per_op is not None:
+                per_op[("GEMM", name)] += e.self_cpu_time_total
             continue
         region = _region_of(e)
         node = _backward_node(e)
@@ -155,11 +159,15 @@ def categorize(events) -> dict:
         if name in CAST_OPS:
             totals["casts"] += e.self_cpu_time_total
             totals[f"cast@{region or 'model'}"] += e.self_cpu_time_total
+            if per_op is not None:
+                per_op[("casts", f"{name} in {region or 'model'}")] += e.self_cpu_time_total
             continue
         if region is None:
             region = ("softmax/SDPA" if SOFTMAX.search(name) else "index ops" if INDEX.search(name)
                       else "elementwise" if ELEMENTWISE.match(name) else "other")
         totals[region] += e.self_cpu_time_total
+        if per_op is not None:
+            per_op[(region, name)] += e.self_cpu_time_total
     return totals
 
 
@@ -188,13 +196,13 @@ def profile_shape(name: str, args, amp: dict) -> dict:
 
     with regions():
         step()  # warm-up: allocations, lazy init, the optimizer's state
-        totals, wall_us = collections.Counter(), 0.0
+        totals, per_op, wall_us = collections.Counter(), collections.Counter(), 0.0
         for _ in range(args.steps):
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
                 step()
             events = prof.events()
             wall_us += sum(e.cpu_time_total for e in events if e.name == "step")
-            totals.update(categorize([e for e in events if e.name != "step"]))
+            totals.update(categorize([e for e in events if e.name != "step"], per_op))
     casts_by_region = {k[5:]: v / args.steps / 1e3 for k, v in totals.items() if k.startswith("cast@")}
     totals = collections.Counter({k: v for k, v in totals.items() if not k.startswith("cast@")})
     traced = sum(totals.values())
@@ -205,7 +213,9 @@ def profile_shape(name: str, args, amp: dict) -> dict:
             "n_routed_experts": cfg.moe.n_routed_experts, "expert_hidden": cfg.moe.expert_hidden,
             "top_k": cfg.moe.top_k, "vocab": V, "step_ms": step_ms,
             "ms_per_step": {c: totals.get(c, 0.0) / args.steps / 1e3 for c in CATEGORIES},
-            "share": shares, "non_gemm_share": 1.0 - shares["GEMM"], "casts_ms_by_region": casts_by_region}
+            "share": shares, "non_gemm_share": 1.0 - shares["GEMM"], "casts_ms_by_region": casts_by_region,
+            "top_ops": [{"category": c, "op": op, "ms_per_step": us / args.steps / 1e3}
+                        for (c, op), us in per_op.most_common(args.top)]}
 
 
 def main(argv=None) -> int:
@@ -222,6 +232,10 @@ def main(argv=None) -> int:
                         "by their forward op's region); untraced = wall minus ops' self time; casts by region: "
                         + "; ".join(f"{r['shape']}: " + ", ".join(f"{k} {v:.0f} ms" for k, v in sorted(
                             r["casts_ms_by_region"].items(), key=lambda kv: -kv[1])) for r in rows))
+    for r in rows if args.top else []:
+        print_table(f"{r['shape']}: the {args.top} ops with the most self time", ["category", "op", "ms / step", "share"],
+                    [[o["category"], o["op"], f"{o['ms_per_step']:.1f}", f"{o['ms_per_step'] / r['step_ms']:.1%}"]
+                     for o in r["top_ops"]])
     payload = {"device_type": "cpu", "preset": PRESET, "dtype": args.dtype, "batch": args.batch, "seq_len": args.seq,
                "steps": args.steps, "threads": args.threads, "quick": args.quick, "categories": list(CATEGORIES),
                "rows": rows}

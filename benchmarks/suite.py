@@ -18,6 +18,7 @@ Runs, continuing past a failing one (its return code and the tail of its output 
     benchmarks/generate.py                                          KV-cache decode vs recomputation, cache bytes per token
     benchmarks/loss_memory.py                                       bytes the LM loss keeps: chunked vs F.cross_entropy
     benchmarks/profile_step.py                                      share of a bf16 step in GEMMs, casts, routing, norms...
+    benchmarks/expert_dtype.py                                      fp32 training with bf16 expert GEMMs vs all-fp32
     benchmarks/compile_speed.py                                     training step with compiled blocks vs eager
     benchmarks/serve_load.py                                        server under N concurrent clients vs one
     benchmarks/checkpoint_io.py                                     save blocking sync vs async, resume and start-up RSS per rank
@@ -83,6 +84,8 @@ def steps(quick: bool) -> list[dict]:
          "cmd": [py, "benchmarks/loss_memory.py", *q], "result": f"loss_memory{sfx}"},
         {"key": "profile_step", "title": "Where a bf16 training step's time goes (torch.profiler, CPU)",
          "cmd": [py, "benchmarks/profile_step.py", *q], "result": f"profile_step{sfx}"},
+        {"key": "expert_dtype", "title": "fp32 training: routed experts in fp32 vs bf16 (moe.expert_dtype)",
+         "cmd": [py, "benchmarks/expert_dtype.py", *q], "result": f"expert_dtype{sfx}"},
         {"key": "compile_speed", "title": "Compiled blocks (inductor) vs eager: training tokens/s",
          "cmd": [py, "benchmarks/compile_speed.py", *q], "result": f"compile_speed{sfx}"},
         {"key": "serve_load", "title": "Serving: concurrent clients on loopback",
@@ -97,7 +100,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="every benchmark with --quick (make bench)")
     p.add_argument("--only", nargs="+", default=None,
-                   help="run only these (moe_dispatch moe_dispatch_ep2 loss_memory profile_step compile_speed data_loader "
+                   help="run only these (moe_dispatch moe_dispatch_ep2 loss_memory profile_step expert_dtype compile_speed "
+                        "data_loader "
                         "simulate "
                         "train_throughput "
                         "memory_layouts activation_checkpointing peer_hf peer_torchtitan generate serve_load checkpoint_io)")
@@ -356,6 +360,15 @@ def md_profile(res: dict) -> list[str]:
     return head + _table(["category", *(r["shape"] for r in rows)], table)
 
 
+def md_expert_dtype(res: dict) -> list[str]:
+    head = [f"{res.get('shape')} ({res.get('n_layers')} layers), {res.get('batch')} x {res.get('seq_len')} tokens, "
+            f"bf16 experts {_f(res.get('speedup_bf16_experts'), '.2f')}x fp32 (median of per-step ratios); relative "
+            f"loss difference at step 1 {_f(res.get('loss_rel_diff_step1'), '.1e')}, largest "
+            f"{_f(res.get('loss_max_rel_diff'), '.1e')}", ""]
+    return head + _table(["way", "ms / step", "tokens/s"],
+                         [[r["way"], _f(r["median_ms"]), _f(r["tokens_per_s"], ",.0f")] for r in res["rows"]])
+
+
 def md_compile(res: dict) -> list[str]:
     rows = [[r["way"], _f(r["median_ms"]), _f(r["tokens_per_s"], ",.0f")] for r in res["rows"]]
     head = [f"{res['preset']} at {res['n_layers']} layers, {res['micro_batch']} x {res['seq_len']}, {res['dtype']}; "
@@ -367,7 +380,8 @@ def md_compile(res: dict) -> list[str]:
 RENDER = {"moe_dispatch": md_moe, "moe_dispatch_ep2": md_ep, "data_loader": md_loader,
           "train_throughput": md_train, "memory_layouts": md_memory, "simulate": md_simulate,
           "activation_checkpointing": md_ac,
-          "loss_memory": md_loss, "profile_step": md_profile, "compile_speed": md_compile,
+          "loss_memory": md_loss, "profile_step": md_profile, "expert_dtype": md_expert_dtype,
+          "compile_speed": md_compile,
           "peer_hf": md_peer, "peer_torchtitan": md_titan, "generate": md_generate, "serve_load": md_serve,
           "checkpoint_io": md_checkpoint}
 
