@@ -114,17 +114,19 @@ def environment(device) -> dict:
     return env
 
 
-def write_results(name: str, payload: dict, *, device=None) -> Path:
+def write_results(name: str, payload: dict, *, device=None, timestamped: bool = False) -> Path:
     """Write benchmarks/results/<name>-<device>-<YYYY-MM-DD>.json and return its path.
 
     The environment (device, torch version, date, host CPU count) is added to the payload; keys the
     payload already has win. `device` defaults to payload["device_type"], else CUDA when available.
+    `timestamped`: <YYYY-MM-DD>T<HHMMSS> instead, so a later run the same day keeps this one's file.
     """
     if device is None:
         device = payload.get("device_type") or ("cuda" if torch.cuda.is_available() else "cpu")
     record = {"benchmark": name, **environment(device), **payload}
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"{name}-{record['device']}-{record['date']}.json"
+    stamp = record["date"] + (_dt.datetime.now().strftime("T%H%M%S") if timestamped else "")
+    path = RESULTS_DIR / f"{name}-{record['device']}-{stamp}.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
     os.replace(tmp, path)  # a crash mid-write leaves the previous file intact

@@ -128,9 +128,13 @@ def preset_path(preset: str) -> Path:
     raise SystemExit(f"unknown preset {preset!r}; known: {', '.join(known)}")
 
 
-def make_cfg(preset: str, layers: int | None, seq: int, batch: int, device: str, vocab: int | None = None) -> Config:
+def make_cfg(preset: str, layers: int | None, seq: int, batch: int, device: str, vocab: int | None = None,
+             extra: dict | None = None) -> Config:
+    """`extra`: further overrides, {section: {field: value}}, on top of the preset."""
     over = {"train": {"device": device, "seed": SEED, "seq_len": seq, "micro_batch": batch},
             "model": {"max_seq_len": seq, **({"vocab_size": vocab} if vocab else {})}}
+    for section, fields in (extra or {}).items():
+        over[section] = {**over.get(section, {}), **fields}
     path = preset_path(preset)
     cfg = load_config(path, over)
     if layers is not None:
@@ -138,7 +142,7 @@ def make_cfg(preset: str, layers: int | None, seq: int, batch: int, device: str,
             raise SystemExit(f"--layers must be in 1..{cfg.model.n_layers} for {preset}, got {layers}")
         moe_layers = cfg.moe.moe_layers and [i for i in cfg.moe.moe_layers if i < layers]
         cfg = load_config(path, {**over, "model": {**over["model"], "n_layers": layers},
-                           "moe": {"moe_layers": moe_layers or None,
+                           "moe": {**over.get("moe", {}), "moe_layers": moe_layers or None,
                                    "first_k_dense": min(cfg.moe.first_k_dense, layers)}})
     if cfg.attention.kind != "mla":
         raise SystemExit(f"preset {preset} uses {cfg.attention.kind} attention; DeepseekV3ForCausalLM is MLA only")

@@ -3,7 +3,12 @@ weights, batch and optimizer.
 
     python benchmarks/peer_torchtitan.py --quick          # tiny preset, 4 x 32, bf16, CPU: about a minute
     python benchmarks/peer_torchtitan.py                  # tiny at 8 x 128 on CPU; smollm2-moe-576x30 at 4 x 2048 on CUDA
+    python benchmarks/peer_torchtitan.py --shape larger   # d 384, 6 layers, 16 experts of 256 top-4, 4 x 256
+    python benchmarks/peer_torchtitan.py --shape smollm2-moe-576x30   # its first 4 layers, 4 x 256 on CPU
     python benchmarks/peer_torchtitan.py --preset v3-tiny --layers 2 --seq 256 --batch 2 --threads 1
+
+`--shape` names a preset with its layers, overrides, batch and sequence (SHAPES); --preset, --layers,
+--seq and --batch override it. On CPU one torch thread unless --threads.
 
 Needs torchtitan (`pip install -e ".[peer]"`, or only what its model imports: `pip install --no-deps
 torchtitan==0.3.0 tyro spmd_types==0.2.3 einops docstring_parser typeguard`); without it the script
@@ -32,7 +37,8 @@ ratio is kept: the speedup is the median of those per-round ratios (tokens/s fro
 Memory: CUDA max_memory_allocated above the step's start plus parameters and AdamW state; CPU: the bytes
 autograd saves in one forward (dsmoe.metrics.memory.saved_tensor_bytes) plus parameters, gradients and
 AdamW state. Goals: dsmoe >= 1.0x torchtitan's tokens/s on CPU, >= 1.2x on CUDA, at no more memory.
-Results: benchmarks/results/peer_torchtitan-<device>-<date>.json (peer_torchtitan-quick-... for --quick).
+Every round's ratio is kept in the JSON, with the shape: benchmarks/results/peer_torchtitan[-quick]-<device>-<date>T<time>.json
+(a later run never overwrites an earlier one's rounds).
 """
 from __future__ import annotations
 
@@ -65,6 +71,17 @@ INSTALL_HINT = ('peer_torchtitan: torchtitan is not installed; install it with `
 TRITON_KERNELS = "torchtitan.distributed.minimal_async_ep.kernels"
 
 
+# shape -> the preset, its first `layers`, overrides, and (batch, seq) on CPU and on CUDA
+SHAPES = {
+    "tiny": dict(preset="tiny", layers=None, extra={}, cpu=(8, 128), cuda=(8, 128)),
+    "larger": dict(preset="tiny", layers=6, cpu=(4, 256), cuda=(4, 256), extra={
+        "model": {"d_model": 384, "n_layers": 6, "n_heads": 6, "ffn_hidden": 1024, "vocab_size": 8192},
+        "attention": {"kv_lora_rank": 128},
+        "moe": {"n_routed_experts": 16, "n_shared_experts": 1, "top_k": 4, "expert_hidden": 256}}),
+    "smollm2-moe-576x30": dict(preset="smollm2-moe-576x30", layers=4, extra={}, cpu=(4, 256), cuda=(4, 2048)),
+}
+
+
 def available() -> bool:
     return importlib.util.find_spec("torchtitan") is not None
 
@@ -72,7 +89,9 @@ def available() -> bool:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default=None, help="configs/models preset (default: tiny; smollm2-moe-576x30 on CUDA)")
+    p.add_argument("--shape", choices=tuple(SHAPES), default=None,
+                   help="a preset with its layers, overrides, batch and seq (default: tiny; smollm2-moe-576x30 on CUDA)")
+    p.add_argument("--preset", default=None, help="configs/models preset (default: the shape's)")
     p.add_argument("--layers", type=int, default=None, help="keep the first N layers")
     p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 128; 32 --quick; 2048 CUDA)")
     p.add_argument("--batch", type=int, default=None, help="sequences per step (default 8; 4 --quick and CUDA)")
@@ -81,7 +100,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16",
                    help="autocast dtype (default bf16; torchtitan's routed experts are bf16 either way)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available")
-    p.add_argument("--threads", type=int, default=None, help="CPU: torch intra-op threads")
+    p.add_argument("--threads", type=int, default=1, help="CPU: torch intra-op threads (default 1)")
     p.add_argument("--quick", action="store_true", help="tiny preset at 4 x 32: a smoke run")
     p.add_argument("--no-save", action="store_true", help="print the table only, write no JSON")
     args = p.parse_args(argv)
@@ -89,9 +108,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible")
     gpu = args.device == "cuda"
-    args.preset = args.preset or ("smollm2-moe-576x30" if gpu and not args.quick else "tiny")
-    args.seq = args.seq or (32 if args.quick else 2048 if gpu else 128)
-    args.batch = args.batch or (4 if args.quick or gpu else 8)
+    args.shape = args.shape or ("smollm2-moe-576x30" if gpu and not args.quick else "tiny")
+    shape = SHAPES[args.shape]
+    if args.preset is None:
+        args.preset, args.layers = shape["preset"], args.layers or shape["layers"]
+    args.extra = shape["extra"] if args.preset == shape["preset"] else {}
+    batch, seq = shape["cuda" if gpu else "cpu"]
+    if args.quick and args.shape == "tiny":
+        batch, seq = 4, 32
+    args.seq = args.seq or seq
+    args.batch = args.batch or batch
     args.iters = args.iters or (3 if args.quick else 10 if gpu else 5)
     args.warmup = (3 if gpu else 1) if args.warmup is None else args.warmup
     return args
@@ -268,10 +294,10 @@ def compare_outputs(ds, tt, x, y, dtype) -> dict:
 
 def run(args) -> dict:
     device = torch.device(args.device)
-    if args.threads:
+    if args.threads and device.type == "cpu":
         torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if args.dtype == "bf16" else None
-    cfg = make_cfg(args.preset, args.layers, args.seq, args.batch, device.type)
+    cfg = make_cfg(args.preset, args.layers, args.seq, args.batch, device.type, extra=args.extra)
     vocab = vocab_of(cfg)
     ds, tt, n_params = build_models(cfg, vocab, device)
     x, y = get_batch(cfg, vocab, args.seq, args.batch, "random", device)
@@ -321,7 +347,8 @@ def run(args) -> dict:
              {"goal": "same function: logits RMS and loss within the limits", "value": check["logits_rms_rel_diff"],
               "target": CHECK_LIMITS["logits_rms_rel"], "met": check["agree"]}]
     mib = 2 ** 20
-    print_table(f"Training step, dsmoe vs torchtitan DeepSeekV3Model: {args.preset} ({cfg.model.n_layers} layers, "
+    print_table(f"Training step, dsmoe vs torchtitan DeepSeekV3Model: {args.shape} ({args.preset} preset, "
+                f"d {cfg.model.d_model}, {cfg.model.n_layers} layers, {cfg.moe.n_routed_experts} experts top-{cfg.moe.top_k}, "
                 f"{n_params / 1e6:.1f}M params), batch {args.batch} x seq {args.seq}, {args.dtype}, {device_name(device)} "
                 f"(warmup {args.warmup}, {args.iters} interleaved rounds)",
                 ["impl", "ms / step (median)", "min ms", "tokens/s", "saved act MiB", "peak MiB"],
@@ -335,7 +362,9 @@ def run(args) -> dict:
         print(f"  {g['goal']:<44} {g['value']:>7.3f}  {'met' if g['met'] else 'NOT met'}")
     from importlib.metadata import version
 
-    return {"device_type": device.type, "torchtitan": version("torchtitan"), "preset": args.preset,
+    return {"device_type": device.type, "torchtitan": version("torchtitan"), "shape": args.shape, "preset": args.preset,
+            "overrides": args.extra, "d_model": cfg.model.d_model, "n_routed_experts": cfg.moe.n_routed_experts,
+            "top_k": cfg.moe.top_k, "expert_hidden": cfg.moe.expert_hidden,
             "layers": cfg.model.n_layers, "n_params": n_params, "vocab_size": vocab, "seq_len": args.seq,
             "micro_batch": args.batch, "tokens_per_step": tokens, "dtype": args.dtype, "warmup": args.warmup,
             "iters": args.iters, "quick": args.quick, "attention": "SDPA causal in both (torchtitan's slot filled)",
@@ -351,7 +380,8 @@ def main(argv=None) -> int:
         return 0
     payload = run(args)
     if not args.no_save:
-        path = write_results("peer_torchtitan-quick" if args.quick else "peer_torchtitan", payload, device=args.device)
+        path = write_results("peer_torchtitan-quick" if args.quick else "peer_torchtitan", payload, device=args.device,
+                             timestamped=True)
         print(f"wrote {path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path}")
     return 0
 

@@ -17,6 +17,8 @@ Runs, continuing past a failing one (its return code and the tail of its output 
     benchmarks/peer_torchtitan.py                                   dsmoe vs torchtitan DeepSeek-V3 (skips without torchtitan)
     benchmarks/generate.py                                          KV-cache decode vs recomputation, cache bytes per token
     benchmarks/loss_memory.py                                       bytes the LM loss keeps: chunked vs F.cross_entropy
+    benchmarks/profile_step.py                                      share of a bf16 step in GEMMs, casts, routing, norms...
+    benchmarks/expert_dtype.py                                      fp32 training with bf16 expert GEMMs vs all-fp32
     benchmarks/compile_speed.py                                     training step with compiled blocks vs eager
     benchmarks/serve_load.py                                        server under N concurrent clients vs one
     benchmarks/checkpoint_io.py                                     save blocking sync vs async, resume and start-up RSS per rank
@@ -80,6 +82,10 @@ def steps(quick: bool) -> list[dict]:
          "cmd": [py, "benchmarks/generate.py", *q], "result": f"generate{sfx}"},
         {"key": "loss_memory", "title": "LM loss: bytes kept for backward, chunked vs unchunked (v3-tiny)",
          "cmd": [py, "benchmarks/loss_memory.py", *q], "result": f"loss_memory{sfx}"},
+        {"key": "profile_step", "title": "Where a bf16 training step's time goes (torch.profiler, CPU)",
+         "cmd": [py, "benchmarks/profile_step.py", *q], "result": f"profile_step{sfx}"},
+        {"key": "expert_dtype", "title": "fp32 training: routed experts in fp32 vs bf16 (moe.expert_dtype)",
+         "cmd": [py, "benchmarks/expert_dtype.py", *q], "result": f"expert_dtype{sfx}"},
         {"key": "compile_speed", "title": "Compiled blocks (inductor) vs eager: training tokens/s",
          "cmd": [py, "benchmarks/compile_speed.py", *q], "result": f"compile_speed{sfx}"},
         {"key": "serve_load", "title": "Serving: concurrent clients on loopback",
@@ -94,7 +100,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="every benchmark with --quick (make bench)")
     p.add_argument("--only", nargs="+", default=None,
-                   help="run only these (moe_dispatch moe_dispatch_ep2 loss_memory compile_speed data_loader simulate "
+                   help="run only these (moe_dispatch moe_dispatch_ep2 loss_memory profile_step expert_dtype compile_speed "
+                        "data_loader "
+                        "simulate "
                         "train_throughput "
                         "memory_layouts activation_checkpointing peer_hf peer_torchtitan generate serve_load checkpoint_io)")
     p.add_argument("--timeout", type=int, default=None, help="seconds per benchmark (default 600; 3600 full)")
@@ -105,11 +113,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def find_result(name: str, devices: list[str], date: str, since: float):
-    """The JSON `name` wrote in this run (mtime after `since`), under any of the device names."""
+    """The JSON `name` wrote in this run (mtime after `since`), under any of the device names; of
+    timestamped files (<date>T<time>), the newest."""
     for dev in devices:
-        path = RESULTS_DIR / f"{name}-{dev}-{date}.json"
-        if path.exists() and path.stat().st_mtime >= since - 1:
-            return path
+        paths = [RESULTS_DIR / f"{name}-{dev}-{date}.json", *sorted(RESULTS_DIR.glob(f"{name}-{dev}-{date}T*.json"))[::-1]]
+        for path in paths:
+            if path.exists() and path.stat().st_mtime >= since - 1:
+                return path
     return None
 
 
@@ -198,11 +208,14 @@ def md_moe(res: dict) -> list[str]:
 
 def md_ep(res: dict) -> list[str]:
     rows = [[r["shape"], r["tokens_per_rank"], _f(r["a2a_ms"], ".2f"), _f(r["dispatch_combine_ms"], ".2f"),
-             _f(r["dispatch_vs_a2a"], ".2f"), _f(r.get("a2a_gb_per_s_per_rank"), ".2f"),
+             _f(r["dispatch_vs_a2a"], ".2f"),
+             f'{_f(r.get("dispatch_vs_a2a_min"), ".2f")}-{_f(r.get("dispatch_vs_a2a_max"), ".2f")}',
+             _f(r.get("a2a_gb_per_s_per_rank"), ".2f"),
              _f(r.get("layer_fwd_bwd_ms"), ",.1f")] for r in res["rows"]]
     head = [f"world {res.get('world_size')}, ep {res.get('ep')}, {res.get('backend')}, {res.get('dtype')}", ""]
     return head + _table(["shape", "tokens/rank", "bare a2a ms", "dispatch+combine ms", "time / bare a2a (>1 = slower)",
-                          "a2a GB/s/rank", "layer fwd+bwd ms"], rows) + _goals(res)
+                          "range over rounds", "a2a GB/s/rank",
+                          "layer fwd+bwd ms"], rows) + _goals(res)
 
 
 def md_loader(res: dict) -> list[str]:
@@ -338,6 +351,24 @@ def md_loss(res: dict) -> list[str]:
                           "time ratio"], rows) + _goals(res)
 
 
+def md_profile(res: dict) -> list[str]:
+    rows = res["rows"]
+    head = [f"{res.get('dtype')}, {res.get('batch')} x {res.get('seq_len')} tokens, {rows[0]['n_layers']} layers, "
+            f"{res.get('threads')} thread(s), self time per category over {res.get('steps')} steps", ""]
+    table = [[c, *(_f(r["share"][c], ".1%") for r in rows)] for c in res["categories"]]
+    table.append(["step ms", *(_f(r["step_ms"]) for r in rows)])
+    return head + _table(["category", *(r["shape"] for r in rows)], table)
+
+
+def md_expert_dtype(res: dict) -> list[str]:
+    head = [f"{res.get('shape')} ({res.get('n_layers')} layers), {res.get('batch')} x {res.get('seq_len')} tokens, "
+            f"bf16 experts {_f(res.get('speedup_bf16_experts'), '.2f')}x fp32 (median of per-step ratios); relative "
+            f"loss difference at step 1 {_f(res.get('loss_rel_diff_step1'), '.1e')}, largest "
+            f"{_f(res.get('loss_max_rel_diff'), '.1e')}", ""]
+    return head + _table(["way", "ms / step", "tokens/s"],
+                         [[r["way"], _f(r["median_ms"]), _f(r["tokens_per_s"], ",.0f")] for r in res["rows"]])
+
+
 def md_compile(res: dict) -> list[str]:
     rows = [[r["way"], _f(r["median_ms"]), _f(r["tokens_per_s"], ",.0f")] for r in res["rows"]]
     head = [f"{res['preset']} at {res['n_layers']} layers, {res['micro_batch']} x {res['seq_len']}, {res['dtype']}; "
@@ -349,7 +380,8 @@ def md_compile(res: dict) -> list[str]:
 RENDER = {"moe_dispatch": md_moe, "moe_dispatch_ep2": md_ep, "data_loader": md_loader,
           "train_throughput": md_train, "memory_layouts": md_memory, "simulate": md_simulate,
           "activation_checkpointing": md_ac,
-          "loss_memory": md_loss, "compile_speed": md_compile,
+          "loss_memory": md_loss, "profile_step": md_profile, "expert_dtype": md_expert_dtype,
+          "compile_speed": md_compile,
           "peer_hf": md_peer, "peer_torchtitan": md_titan, "generate": md_generate, "serve_load": md_serve,
           "checkpoint_io": md_checkpoint}
 

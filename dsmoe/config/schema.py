@@ -70,6 +70,9 @@ class MoEConfig:
     z_loss_coef: float = doc(0.0, "router z-loss weight (0 = off)")
     capacity_factor: Optional[float] = doc(None, "null = dropless; else an expert keeps at most cf*T*k/E tokens, earliest first")
     expert_impl: Literal["grouped", "loop"] = doc("grouped", "grouped GEMM over stacked experts, or the per-expert loop")
+    expert_dtype: Optional[Literal["bf16", "fp16", "fp32"]] = doc(
+        None, "routed experts' GEMM dtype; null = autocast's (else the activations'); bf16 under fp32 training: "
+              "bf16 expert GEMMs on fp32 master weights (torchtitan's default)")
 
 
 @dataclass

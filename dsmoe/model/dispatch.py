@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass
@@ -21,6 +22,7 @@ class LocalHandle:
     order: torch.Tensor  # [T*K] assignment index of each sorted row
     token_of_row: torch.Tensor  # [T*K] source token of each sorted row
     kept_row: Optional[torch.Tensor]  # [T*K] bool, None when nothing was dropped
+    row_of_assignment: Optional[torch.Tensor]  # [T*K] sorted row of each (token, k); None when some may drop
     n_tokens: int
     overlap_result: object = None
 
@@ -53,6 +55,11 @@ def sort_by_expert(topk_idx_TK: torch.Tensor, n_experts: int):
     return order, count_per_expert(key, n_experts + 1)[:n_experts]
 
 
+def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
+    """The inverse of a permutation: inv[perm[i]] = i (a scatter, no sort)."""
+    return torch.empty_like(perm).scatter_(0, perm, torch.arange(perm.numel(), device=perm.device))
+
+
 def count_per_expert(idx: torch.Tensor, n_experts: int) -> torch.Tensor:
     """bincount without its host sync (CUDA bincount reads max().item() even with minlength)."""
     flat = idx.reshape(-1)
@@ -71,7 +78,7 @@ class LocalDispatcher(Dispatcher):
         order, counts = sort_by_expert(topk_idx_TK, self.n_local_experts)
         token_of_row = order // K
         kept_row = (topk_idx_TK.reshape(-1) >= 0)[order] if self.drops else None
-        handle = LocalHandle(order, token_of_row, kept_row, T)
+        handle = LocalHandle(order, token_of_row, kept_row, None if self.drops else inverse_permutation(order), T)
         if overlap is not None:
             handle.overlap_result = overlap()
         expert_x = x_TD[token_of_row]
@@ -83,6 +90,13 @@ class LocalDispatcher(Dispatcher):
     def combine(self, expert_y_ND, topk_weight_TK, handle: LocalHandle, overlap=None):
         if overlap is not None:
             handle.overlap_result = overlap()
+        if handle.row_of_assignment is not None:
+            # out[t] = sum_k w[t,k] * y[row of (t,k)] in fp32: one fused gather-and-sum (embedding_bag)
+            # instead of a weight gather, a [T*K, d] product, a zero fill and a scatter-add
+            T, K = topk_weight_TK.shape
+            out = F.embedding_bag(handle.row_of_assignment.view(T, K), expert_y_ND.float(),
+                                  per_sample_weights=topk_weight_TK.float(), mode="sum")
+            return out.to(expert_y_ND.dtype)
         weight_N = topk_weight_TK.reshape(-1)[handle.order].float()
         y_ND = expert_y_ND.float()
         if handle.kept_row is not None:

@@ -55,7 +55,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         valid_T = targets_T != IGNORE_INDEX
         scale = grad_loss / n_valid
         grad_h = torch.empty_like(h)
-        grad_w = torch.zeros(w_VD.shape, dtype=torch.float32, device=w_VD.device)
+        grad_w = None  # the first chunk's product starts the sum: no [V, d] zero fill and add
         with torch.autocast(h.device.type, enabled=False):
             for s in range(0, h.shape[0], ctx.chunk):
                 h_c, t_c, v_c = h[s:s + ctx.chunk], targets_T[s:s + ctx.chunk], valid_T[s:s + ctx.chunk]
@@ -65,7 +65,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 g.mul_(torch.where(v_c, scale, 0.0)[:, None])
                 g = g.to(h.dtype)
                 grad_h[s:s + ctx.chunk] = g @ w
-                grad_w += (g.t() @ h_c).float()  # summed in fp32 over the chunks
+                grad_w_c = (g.t() @ h_c).float()  # summed in fp32 over the chunks
+                grad_w = grad_w_c if grad_w is None else grad_w.add_(grad_w_c)
+        if grad_w is None:  # no tokens
+            grad_w = torch.zeros(w_VD.shape, dtype=torch.float32, device=w_VD.device)
         return grad_h.to(ctx.h_dtype), grad_w.to(w_VD.dtype), None, None, None
 
 

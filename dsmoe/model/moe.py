@@ -122,6 +122,7 @@ def update_expert_bias(router: Router, counts_E: torch.Tensor, rate: float) -> N
         router.expert_bias += rate * torch.sign(counts_E.mean() - counts_E)
 
 
+EXPERT_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 _warned: set = set()  # fallback reasons already warned about (once per process each)
 _no_kernel: dict = {}  # (device type, dtype) -> why grouped_mm has no kernel there (the error it raised)
 # RuntimeErrors aten's CUDA grouped_mm raises for what the loop can still compute (GroupedMMUtils.h,
@@ -150,12 +151,16 @@ class GroupedExperts(nn.Module):
     once per process, only where grouped_mm cannot: no grouped_mm in this torch, a dtype it does not
     take, rows or operands that are not 16-byte aligned, or no kernel for the device (NotImplementedError,
     or CUDA's RuntimeErrors in NO_KERNEL_ERRORS / MISALIGNED_ERRORS). Any other error, an out-of-memory
-    error included, propagates."""
+    error included, propagates.
+
+    `dtype` (moe.expert_dtype) fixes the GEMMs' dtype whatever autocast says; the weights stay in their
+    own (fp32 master) dtype and the output returns in the input's dtype. None follows autocast."""
 
     def __init__(self, n_experts: int, d_model: int, hidden: int, impl: str = "grouped",
-                 n_total: int | None = None, first: int = 0):
+                 n_total: int | None = None, first: int = 0, dtype: torch.dtype | None = None):
         super().__init__()
         self.impl = impl
+        self.dtype = dtype
         self.n_total, self.first = n_total or n_experts, first
         self.w_gate = nn.Parameter(torch.empty(n_experts, d_model, hidden))
         self.w_up = nn.Parameter(torch.empty(n_experts, d_model, hidden))
@@ -163,8 +168,12 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """x_ND: [N, d] rows grouped by expert (counts_E [E] rows each, then padding); returns [N, d]."""
+        if self.dtype is not None:
+            return self._forward(x_ND.to(self.dtype), counts_E, self.dtype).to(x_ND.dtype)
         dtype = torch.get_autocast_dtype(x_ND.device.type) if torch.is_autocast_enabled(x_ND.device.type) else x_ND.dtype
-        x_ND = x_ND.to(dtype)
+        return self._forward(x_ND.to(dtype), counts_E, dtype)
+
+    def _forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         w_gate, w_up, w_down = (w.to(dtype) for w in (self.w_gate, self.w_up, self.w_down))
         if self.impl == "grouped":
             reason = self.fallback_reason(x_ND, w_gate, w_up, w_down)
@@ -238,7 +247,8 @@ class MoE(nn.Module):
         self.dispatcher = dispatcher or LocalDispatcher(e.n_routed_experts, drops=e.capacity_factor is not None)
         self.experts = GroupedExperts(self.dispatcher.n_local_experts, cfg.model.d_model, e.expert_hidden,
                                       e.expert_impl, n_total=e.n_routed_experts,
-                                      first=getattr(self.dispatcher, "first_expert", 0))
+                                      first=getattr(self.dispatcher, "first_expert", 0),
+                                      dtype=EXPERT_DTYPES[e.expert_dtype])
         self.shared = SwiGLU(cfg.model.d_model, e.n_shared_experts * e.expert_hidden) if e.n_shared_experts else None
 
     def forward(self, x_BSD: torch.Tensor, run_local: Callable = run_here) -> tuple[torch.Tensor, Routing]:

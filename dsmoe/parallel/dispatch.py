@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from dsmoe.model.dispatch import Dispatcher, LocalDispatcher, LocalHandle, sort_by_expert
+from dsmoe.model.dispatch import Dispatcher, LocalDispatcher, LocalHandle, inverse_permutation, sort_by_expert
 from dsmoe.parallel.comm import all_to_all, check_peer_splits, comm_phase, exchange_blocks, exchange_counts
 
 __all__ = ["Dispatcher", "LocalDispatcher", "LocalHandle", "AllToAllDispatcher", "EPHandle", "make_dispatcher"]
@@ -114,7 +114,7 @@ class AllToAllDispatcher(Dispatcher):
         overlap_result = overlap() if overlap is not None else None  # shared experts, while tokens fly
         # dropless (every assignment sent, known from the host-side splits): combine can gather the rows
         # back into (token, k) order and reduce them in one pass
-        assign_order = _inverse(order) if sum(input_splits) == T * K else None
+        assign_order = inverse_permutation(order) if sum(input_splits) == T * K else None
         expert_x = flight.wait()  # times what the overlapped work did not hide
         if to_expert_major is not None:
             expert_x = expert_x.index_select(0, to_expert_major)
@@ -186,11 +186,6 @@ def _block_transpose(counts_RL: torch.Tensor, n: int) -> tuple[torch.Tensor, tor
     to_em = rows + torch.repeat_interleave((start_rm.t() - start_em).reshape(-1), c_em, output_size=n)
     to_rm = rows + torch.repeat_interleave((start_em.t() - start_rm).reshape(-1), c_rm, output_size=n)
     return to_em, to_rm
-
-
-def _inverse(perm: torch.Tensor) -> torch.Tensor:
-    """The inverse of a permutation: inv[perm[i]] = i (a scatter, no sort)."""
-    return torch.empty_like(perm).scatter_(0, perm, torch.arange(perm.numel(), device=perm.device))
 
 
 def make_dispatcher(n_experts: int, mesh, drops: bool = False) -> Dispatcher:

@@ -141,7 +141,10 @@ def _ffn(cfg: Config, layer: int, B: int, S: int, cb: int) -> int:
         total += T * K + N  # bool keep masks (gate weights, dispatched rows)
     total += 2 * N * 8  # token_of_row (gather + index_add_) and the sort order (gate weights)
     total += N * d * cb + _swiglu(N, e.expert_hidden, cb) + E * 4  # expert inputs, hidden, offsets
-    total += N * 4 + 2 * N * d * 4  # fp32 combine: gate weights, upcast expert outputs, weighted rows
+    if e.capacity_factor is None:  # fused combine (embedding_bag): gate weights, upcast outputs, bag indices
+        total += N * 4 + N * d * 4 + N * 8 + T * 8
+    else:
+        total += N * 4 + 2 * N * d * 4  # fp32 combine: gate weights, upcast expert outputs, weighted rows
     if e.n_shared_experts:
         total += _swiglu(T, e.n_shared_experts * e.expert_hidden, cb)
     return total
