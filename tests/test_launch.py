@@ -16,7 +16,8 @@ from dsmoe.checkpoint.file import list_checkpoints
 from dsmoe.checkpoint.run_dir import RunDirError
 from dsmoe.train.signals import EXIT_STOPPED
 from dsmoe.train.trainer import Trainer
-from test_lifecycle import digests, wait_for_step, worker_pids
+from dsmoe.train.faults import pause_marker
+from test_lifecycle import digests, read_until, signal_paused, wait_for_step, worker_pids
 
 
 def dsmoe_run_cmd(run_dir, cache, *extra: str, world: int = 2, torchrun_flags: tuple = ()) -> list[str]:
@@ -29,23 +30,24 @@ def output_lines(text: str) -> list[str]:
 
 
 def test_ctrl_c_of_the_terminal_group_stops_with_75_and_ends_with_the_resume_line(tmp_path, data_cache):
-    """SIGINT to the whole process group (what a terminal's Ctrl-C does) of a world-2 run: a checkpoint at
-    or after the step reached, exit 75, the resume command as the last line, no traceback, no restart
+    """SIGINT to the whole process group (what a terminal's Ctrl-C does) of a world-2 run paused at step 2:
+    a checkpoint at that step, exit 75, the resume command as the last line, no traceback, no restart
     (a restarted attempt would be refused: the directory holds a run); running that command gives the
     uninterrupted run's losses."""
     d, ref = tmp_path / "run", tmp_path / "ref"
     args = ("--train.steps=6", "--checkpoint.every=0")
-    proc = subprocess.Popen(dsmoe_run_cmd(d, data_cache, *args, torchrun_flags=("--max-restarts", "2")),
+    proc = subprocess.Popen(dsmoe_run_cmd(d, data_cache, *args, "--faults.pause_step=2",
+                                          torchrun_flags=("--max-restarts", "2")),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
                             start_new_session=True)  # its own group, as a terminal's job
-    wait_for_step(d, 2, proc)
-    os.killpg(proc.pid, signal.SIGINT)
-    out, _ = proc.communicate(timeout=300)
+    seen: list = []  # the launcher forwards the signal to the ranks: go on once rank 0 has it
+    signal_paused(proc, [pause_marker(d, 2, r) for r in (0, 1)],
+                  lambda: (os.killpg(proc.pid, signal.SIGINT), read_until(proc, "stopping after this step", seen)))
+    out = "".join(seen) + proc.communicate(timeout=300)[0]
     assert proc.returncode == EXIT_STOPPED, out
     assert "Traceback" not in out and "SignalException" not in out
     (ckpt,) = list_checkpoints(d)
-    step = int(ckpt.name[5:12])
-    assert 2 <= step < 6 and f"stopped at step {step}" in out
+    assert ckpt.name == "step_0000002" and "stopped at step 2" in out
     last = output_lines(out)[-1]
     assert last.startswith("stopped with a checkpoint (SIGINT): exit 75; resume: python -m dsmoe.run --standalone "
                            "--nproc_per_node 2 --max-restarts 2 ")

@@ -13,6 +13,7 @@ from cli import ENV, launch_common, losses_by_step, rows, run, small_args, torch
 from conftest import REPO, small_config
 from dsmoe.checkpoint.file import CheckpointError, list_checkpoints
 from dsmoe.checkpoint.run_dir import RunDirError
+from dsmoe.train.faults import pause_marker
 from dsmoe.train.signals import EXIT_STOPPED
 from dsmoe.train.trainer import Trainer
 
@@ -82,15 +83,14 @@ def test_sigint_stops_after_the_step_with_a_checkpoint_and_a_resume_line(tmp_pat
     no traceback; the resumed run's losses equal the uninterrupted run's."""
     d = tmp_path / "run"
     cmd = train_cmd(d, data_cache, "--train.steps=8", "--checkpoint.every=0")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-    wait_for_step(d, 3, proc)
-    proc.send_signal(signal.SIGINT)
+    proc = subprocess.Popen(cmd + ["--faults.pause_step=3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=ENV)
+    signal_paused(proc, [pause_marker(d, 3, 0)], lambda: proc.send_signal(signal.SIGINT))
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == EXIT_STOPPED, err
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
     (ckpt,) = list_checkpoints(d)
-    step = int(ckpt.name[5:12])
-    assert 3 <= step < 8 and f"stopped at step {step}" in out and "--resume auto" in out
+    assert ckpt.name == "step_0000003.pt" and "stopped at step 3" in out and "--resume auto" in out
     resumed = run(cmd + ["--resume", "auto"])
     assert resumed.returncode == 0, resumed.stderr
     ref = tmp_path / "ref"
@@ -98,13 +98,37 @@ def test_sigint_stops_after_the_step_with_a_checkpoint_and_a_resume_line(tmp_pat
     assert losses_by_step(d) == losses_by_step(ref)
 
 
-def wait_for_step(run_dir, step, proc, limit=240):
+def wait_until(done, proc, limit=240):
+    """Poll `done()` while the run lives (a handshake through its files, not a guess at its speed)."""
     deadline = time.monotonic() + limit
-    while not any(r.get("step", 0) >= step for r in rows(run_dir)):
+    while not done():
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
-            raise AssertionError("the run ended before the signal:\n" + "".join(proc.communicate()))
-        time.sleep(0.2)
+            raise AssertionError("the run ended before the signal:\n" + "".join(o or "" for o in proc.communicate()))
+        time.sleep(0.05)
+
+
+def wait_for_step(run_dir, step, proc, limit=240):
+    wait_until(lambda: any(r.get("step", 0) >= step for r in rows(run_dir)), proc, limit)
+
+
+def read_until(proc, text: str, seen: list) -> None:
+    """Read the run's output line by line into `seen` until a line holds `text` (what a rank prints when
+    it handles the signal)."""
+    for line in proc.stdout:
+        seen.append(line)
+        if text in line:
+            return
+    raise AssertionError(f"the run ended without saying '{text}':\n" + "".join(seen))
+
+
+def signal_paused(proc, markers, send) -> None:
+    """Ranks paused at a step's start by faults.pause_step: signal them, then let them go on. The signal is
+    queued before they resume, so it lands in that step's agreement: the run stops after exactly that step."""
+    wait_until(lambda: all(m.exists() for m in markers), proc)
+    send()
+    for m in markers:
+        m.unlink()
 
 
 def test_sigterm_under_torchrun_is_agreed_and_resumes_bit_for_bit(tmp_path, data_cache):
@@ -112,17 +136,15 @@ def test_sigterm_under_torchrun_is_agreed_and_resumes_bit_for_bit(tmp_path, data
     the resumed run's per-step losses equal an uninterrupted world-2 run's exactly."""
     d, ref = tmp_path / "run", tmp_path / "ref"
     args = ("--train.steps=8", "--checkpoint.every=0", "--train.micro_batch=2")
-    proc = subprocess.Popen(torchrun_cmd(d, data_cache, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=ENV)
-    wait_for_step(d, 2, proc)
-    rank1 = worker_pids(proc.pid)[1]
-    os.kill(rank1, signal.SIGTERM)
+    proc = subprocess.Popen(torchrun_cmd(d, data_cache, *args, "--faults.pause_step=2"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ENV)
+    signal_paused(proc, [pause_marker(d, 2, r) for r in (0, 1)],
+                  lambda: os.kill(worker_pids(proc.pid)[1], signal.SIGTERM))
     out, err = proc.communicate(timeout=300)
     assert proc.returncode != 0 and f"exitcode  : {EXIT_STOPPED}" in err
     assert f'File "{REPO}' not in err  # no traceback from dsmoe's workers (torchrun prints its own epilogue)
     (ckpt,) = list_checkpoints(d)
-    step = int(ckpt.name[5:12])
-    assert 2 <= step < 8 and f"stopped at step {step}" in out
+    assert ckpt.name == "step_0000002" and "stopped at step 2" in out
     resumed = run(torchrun_cmd(d, data_cache, *args, "--resume", "auto"))
     assert resumed.returncode == 0, resumed.stderr
     assert run(torchrun_cmd(ref, data_cache, *args)).returncode == 0

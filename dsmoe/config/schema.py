@@ -203,6 +203,8 @@ class FaultConfig:
     kill_rank: int = doc(0, "the rank killed")
     hang_step: Optional[int] = doc(None, "a rank stops answering collectives at this step")
     hang_rank: int = doc(1, "the rank that hangs")
+    pause_step: Optional[int] = doc(None, "every rank waits at this step's start while RUN_DIR/.paused-step-K-rankR "
+                                          "exists (tests signal a run at a known step)")
     kill_in_save: Optional[int] = doc(None, "kill rank 0 while it writes this step's checkpoint (once per run dir)")
 
 

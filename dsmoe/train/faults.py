@@ -62,13 +62,27 @@ class FaultInjector:
             self._kill_once(f"kill-step{self.step}")
 
     def maybe_hang(self) -> None:
-        if self.step == self.cfg.hang_step and self.rank == self.cfg.hang_rank:
-            import time
+        """At the step's start: hang (faults.hang_step), or pause (faults.pause_step) while the marker
+        `RUN_DIR/.paused-step-K-rankR` exists: a test signals the paused rank, then deletes the marker,
+        so the signal lands at a known step instead of racing the run."""
+        import time
 
+        if self.step == self.cfg.hang_step and self.rank == self.cfg.hang_rank:
             time.sleep(3600)
+        if self.step == self.cfg.pause_step and "pause" not in self.spent:
+            self.spent.add("pause")
+            marker = pause_marker(self.run_dir, self.step, self.rank)
+            marker.touch()
+            while marker.exists():
+                time.sleep(0.02)
 
     def save_hook(self) -> Callable[[], None] | None:
         """Called between writing a checkpoint's temporary file and renaming it."""
         if self.cfg.kill_in_save is None or self.step != self.cfg.kill_in_save:
             return None
         return lambda: self._kill_once("kill-in-save")
+
+
+def pause_marker(run_dir: Path, step: int, rank: int) -> Path:
+    """The file a rank paused by faults.pause_step waits on (it goes on once the file is deleted)."""
+    return Path(run_dir) / f".paused-step-{step}-rank{rank}"
