@@ -11,17 +11,17 @@ import torch.distributed as dist
 from dsmoe.metrics.throughput import mfu
 
 
-def log_row(t, stats: dict, steps: int, train_seconds: float) -> dict:
-    """`t` is the trainer; `stats` the last train step's; `steps` and `train_seconds` cover the interval
+def log_row(t, stats, steps: int, train_seconds: float) -> dict:
+    """`t` is the trainer; `stats` the last train step's StepResult; `steps` and `train_seconds` cover the interval
     (training steps only: evaluation, samples and checkpoints are not in the time)."""
-    loss = stats["loss_sum"] / t.cfg.train.grad_accum
+    loss = stats.loss_sum / t.cfg.train.grad_accum
     if t.mesh.distributed:
         dist.all_reduce(loss)
         loss = loss / t.mesh.world
     steps = max(steps, 1)  # a rollback moves the step back
     tokens_per_s = t.tokens_per_step * steps / max(train_seconds, 1e-9)
     p = t.progress
-    row = {"step": p.step, "loss": loss.item(), "lr": stats["lr"], "grad_norm": stats["grad_norm"].item(),
+    row = {"step": p.step, "loss": loss.item(), "lr": stats.lr, "grad_norm": stats.grad_norm.item(),
            "samples": p.samples, "tokens": p.tokens, "step_time_s": train_seconds / steps,
            "tokens_per_s": tokens_per_s, "tokens_per_s_per_device": tokens_per_s / t.mesh.world,
            "mfu": mfu(tokens_per_s, t.flops_per_token, t.peak_tflops, t.mesh.world)}
@@ -35,12 +35,12 @@ def log_row(t, stats: dict, steps: int, train_seconds: float) -> dict:
             t.log.warn(f"the CUDA allocator retried {row['alloc_retries']} times ({row['ooms']} OOMs): memory "
                        f"is tight; see python -m dsmoe.estimate")
     row["rss_gb"] = psutil.Process().memory_info().rss / 2**30
-    if stats["counts"] is not None:
-        counts = stats["counts"].float()
+    if stats.counts is not None:
+        counts = stats.counts.float()
         per_layer = counts.max(-1).values / counts.mean(-1).clamp(min=1e-9)
         row["expert_imbalance"] = per_layer.max().item()  # the worst layer
         row["expert_imbalance_per_layer"] = per_layer.tolist()
-        row["dropped_frac"] = (stats["dropped"].sum() / counts.sum().clamp(min=1)).item()
+        row["dropped_frac"] = (stats.dropped.sum() / counts.sum().clamp(min=1)).item()
         biases = torch.stack([m.router.expert_bias for m in t.model.moe_modules()])
         row["bias_range"] = (biases.max() - biases.min()).item()
         if t.cfg.log.expert_stats:

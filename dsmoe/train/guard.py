@@ -242,8 +242,9 @@ class GuardPolicy:
                    + (f" (z={verdict.zscore:.1f})" if verdict.zscore else ""))
         return event
 
-    def on_bad_step(self, verdict: StepVerdict, first_sample: int) -> None:
-        """Skip (every rank alike), then localise the first event, then roll back or abort if asked."""
+    def on_bad_step(self, verdict: StepVerdict, first_sample: int) -> bool:
+        """Skip (every rank alike), then localise the first event, then abort if asked. Returns whether
+        to roll back (policy rollback, after repeats): the loop applies it with `rollback`."""
         first_event = not self.events
         self.record(verdict)
         if self.cfg.localize and first_event and "spike" not in verdict.what:
@@ -251,18 +252,17 @@ class GuardPolicy:
         if self.cfg.policy == "abort":
             self.abort(f"step {self.trainer.progress.step}: {', '.join(verdict.what)} non-finite on ranks "
                        f"{verdict.ranks}")
-        if self.cfg.policy == "rollback" and self.trainer.guard.record_bad(self.trainer.progress.step):
-            self.rollback()
+        return self.cfg.policy == "rollback" and self.trainer.guard.record_bad(self.trainer.progress.step)
 
-    def check_params(self) -> None:
-        """Non-finite parameters after an update cannot be skipped: roll back, or abort."""
+    def check_params(self) -> bool:
+        """Non-finite parameters after an update cannot be skipped: returns whether to roll back (else
+        aborts)."""
         if self.trainer.params_finite_everywhere():
-            return
+            return False
         self.record(StepVerdict(True, ["params"], []))
-        if self.cfg.policy == "rollback":
-            self.rollback()
-        else:
+        if self.cfg.policy != "rollback":
             self.abort(f"step {self.trainer.progress.step}: non-finite parameters after the update")
+        return True
 
     def localize(self, first_sample: int) -> None:
         """Replay the step's micro-batches with hooks; every rank replays all of them (EP collectives)."""
