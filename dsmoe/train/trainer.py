@@ -96,7 +96,8 @@ class Trainer:
             if hasattr(moe.dispatcher, "timer"):  # expert parallelism: time the all-to-alls
                 moe.dispatcher.timer = self.timer
         if init_from is not None and self.resumed_from is None:
-            load_weights(self, init_from)
+            load_weights(self.state, cfg, self.vocab_size, init_from)
+            self.log.print(f"initialised from {init_from}")
         self.resumed_from, saved = self.checkpoints.restore_verified(self.resumed_from, self.resume == "auto")
         if saved is not None and self.progress.step >= t.steps:
             raise RunFinished(f"{self.resumed_from} is at step {self.progress.step}, this run's last (train.steps="
@@ -268,7 +269,10 @@ class Trainer:
                     interval["seconds"] += time.perf_counter() - tick
                     log.advance(p.step)
                     if p.step % t.log_every == 0 or p.step in (end, started + 1) or stats.stop:
-                        row = log_row(self, stats, interval["steps"], interval["seconds"])
+                        row = log_row(stats, self.state, p, cfg, self.mesh, timer=self.timer, log=log,
+                                      guard_events=len(self.policy.events), flops_per_token=self.flops_per_token,
+                                      peak_tflops=self.peak_tflops, steps=interval["steps"],
+                                      train_seconds=interval["seconds"])
                         history.append(row)
                         log.log(row)
                         self.trackers.log_row(row)
