@@ -31,6 +31,7 @@ from dsmoe.checkpoint.sharded import (commit_sharded, host_stager, load_meta, mo
                                       staging_dir, then, unwrap, write_shards)
 from dsmoe.config import ConfigError
 from dsmoe.data.identity import file_changes
+from dsmoe.train.guard import params_finite_everywhere
 from dsmoe.train.optim import Schedule
 
 DATA_CHANGE_RULE = ("the run continues at the same sample position in the new files (prepared data: the same "
@@ -222,7 +223,7 @@ class Checkpoints:
         checkpoint.async_save, where the directory will be once its background write commits)."""
         t = self.t
         self.wait()  # one save in flight at a time
-        if not t.params_finite_everywhere():
+        if not params_finite_everywhere(t.model, t.mesh):
             t.log.warn(f"step {t.progress.step}: parameters are not finite: checkpoint not written")
             return None
         began = time.perf_counter()

@@ -29,7 +29,7 @@ from dsmoe.checkpoint import resolve
 from dsmoe.checkpoint.file import is_sharded, peek
 from dsmoe.train.faults import FaultInjector
 from dsmoe.train.init_from import load_weights
-from dsmoe.train.guard import Guard, GuardPolicy, params_all_finite
+from dsmoe.train.guard import Guard, GuardPolicy
 from dsmoe.train.data import TrainData
 from dsmoe.checkpoint.lock import RunLock
 from dsmoe.train import step
@@ -86,10 +86,11 @@ class Trainer:
         self.save_sharded = fmt == "sharded" or (fmt == "auto" and (self.mesh.distributed or cfg.checkpoint.async_save))
         self.progress = Progress()
         self.guard = Guard(cfg.guard, self.mesh.rank, self.mesh.world)
-        self.policy = GuardPolicy(self)
         self.faults = FaultInjector(cfg.faults, self.mesh.rank, self.run_dir)
         self.faults.attach(self.model)
         self.checkpoints = Checkpoints(self)
+        self.policy = GuardPolicy(cfg, self.state, self.progress, self.guard, self.mesh, self.checkpoints, self.faults,
+                                  self.batch_at, warn=lambda text: self.log.warn(text))  # fit() opens another log
         self.stop = StopRequest(self.mesh.rank)  # installed by fit()
         self.timer = StepTimer(self.device)
         for moe in self.model.moe_modules():
@@ -153,12 +154,6 @@ class Trainer:
         """This rank's micro-batch of the global micro-step that starts at sample `first_sample` (on the
         device); with prefetch_next, the following micro-step's is built meanwhile."""
         return self.data.batch(first_sample, prefetch_next)
-
-    def params_finite_everywhere(self) -> bool:
-        ok = params_all_finite(self.model).float()
-        if self.mesh.distributed:
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # expert shards differ between ranks
-        return bool(ok.item())
 
     # ------------------------------------------------------------------------- the step
 
