@@ -1,5 +1,6 @@
-"""The training loop: set-up, `train_step` (read it whole), and `fit` (logs, evaluation, samples,
-checkpoints, stops). Checkpoint contents live in state.py, the guard's policies in guard.py, the run
+"""The training loop: set-up, one step at a time, and `fit` (logs, evaluation, samples, checkpoints,
+stops, the out-of-memory message). The model is built and wrapped in build.py, the step is step.py's
+(read it whole), checkpoint contents live in state.py, the guard's policies in guard.py, the run
 directory's ownership in dsmoe/checkpoint/run_dir.py and the metrics row in metrics/row.py.
 """
 from __future__ import annotations
@@ -82,13 +83,12 @@ class Trainer:
         self.data = TrainData(cfg, self.mesh, self.device)
 
         self.state = build(cfg, self.mesh, self.vocab_size, precision)
-        fmt = cfg.checkpoint.format
-        self.save_sharded = fmt == "sharded" or (fmt == "auto" and (self.mesh.distributed or cfg.checkpoint.async_save))
         self.progress = Progress()
         self.guard = Guard(cfg.guard, self.mesh.rank, self.mesh.world)
         self.faults = FaultInjector(cfg.faults, self.mesh.rank, self.run_dir)
         self.faults.attach(self.model)
-        self.checkpoints = Checkpoints(self)
+        self.checkpoints = Checkpoints(cfg, self.state, self.progress, self.guard, self.data, self.mesh, self.faults,
+                                       self.vocab_size, self.log, self.notes)
         self.policy = GuardPolicy(cfg, self.state, self.progress, self.guard, self.mesh, self.checkpoints, self.faults,
                                   self.batch_at, warn=lambda text: self.log.warn(text))  # fit() opens another log
         self.stop = StopRequest(self.mesh.rank)  # installed by fit()
@@ -106,9 +106,10 @@ class Trainer:
                               f"with --train.steps=N (N > {self.progress.step}); the schedule is extended from here")
         self.schedule = schedule_of(saved, t)
         self.schedule_change = self.schedule.extend(self.progress.sched_step)
+        self.checkpoints.schedule = self.schedule
         self.run_lock = RunLock(self.run_dir)
         decide(self.mesh, lambda: self.run_lock.acquire(record=False))  # rank 0; refusals raised on every rank
-        self.lineage = self._claim(write=True)
+        self.lineage = self.checkpoints.lineage = self._claim(write=True)
         decide(self.mesh, self.run_lock.acquire)  # pid and host; anew if run.overwrite moved the directory aside
         wrap(self.state, cfg, self.mesh)
         self.batch_change = batch_change(saved, self) if saved is not None else None
@@ -143,9 +144,6 @@ class Trainer:
         if state is None or name not in TrainState.__dataclass_fields__:
             raise AttributeError(f"'Trainer' object has no attribute '{name}'")
         return getattr(state, name)
-
-    def restore(self, path: Path) -> dict:
-        return self.checkpoints.restore(path)
 
     def autocast(self):
         return autocast(self.precision, self.device)
@@ -240,7 +238,7 @@ class Trainer:
     def fit(self) -> dict:
         cfg, t, p = self.cfg, self.cfg.train, self.progress
         end = min(t.steps, t.stop_after) if t.stop_after is not None else t.steps
-        log = self.log = RunLogger(self.run_dir, self.mesh.rank, t.steps, cfg.log.rich, start_step=p.step)
+        log = self.log = self.checkpoints.log = RunLogger(self.run_dir, self.mesh.rank, t.steps, cfg.log.rich, start_step=p.step)
         self.trackers = self._open_trackers()
         if self.mesh.is_main:
             (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
@@ -297,7 +295,7 @@ class Trainer:
                   "seconds": time.perf_counter() - began, "tokens": (p.step - started) * self.tokens_per_step,
                   "resumed_at": started, "run_seconds": earlier + time.perf_counter() - began,
                   "run_tokens": p.tokens}
-        self.log = RunLogger(None, self.mesh.rank, 0, "off")
+        self.log = self.checkpoints.log = RunLogger(None, self.mesh.rank, 0, "off")
         return result
 
     def _open_trackers(self) -> Trackers:
