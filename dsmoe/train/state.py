@@ -138,7 +138,7 @@ class Checkpoints:
     @functools.cached_property
     def stager(self):
         """checkpoint.async_save's host copy of this rank's shards, reused by every save."""
-        return host_stager(self.device)
+        return host_stager(self.state.device)
 
     def newest(self) -> Optional[Path]:
         self.wait()

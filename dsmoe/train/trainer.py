@@ -42,17 +42,17 @@ from dsmoe.train.signals import StopRequest
 from dsmoe.train.state import Checkpoints, Progress, RunFinished, decide, schedule_of
 
 
-def batch_change(saved: dict, trainer) -> Optional[str]:
+def batch_change(saved: dict, cfg: Config, world: int, tokens_per_step: int) -> Optional[str]:
     """The line that calls out a resume whose global batch (tokens per optimizer step) differs from
     the checkpoint's; None when it is the same."""
-    t, was = trainer.cfg.train, saved["config"]["train"]
-    world = saved["layout"]["world"]
-    before = world * was["micro_batch"] * was["grad_accum"] * was["seq_len"]
-    if before == trainer.tokens_per_step:
+    t, was = cfg.train, saved["config"]["train"]
+    saved_world = saved["layout"]["world"]
+    before = saved_world * was["micro_batch"] * was["grad_accum"] * was["seq_len"]
+    if before == tokens_per_step:
         return None
-    return (f"the global batch changes on this resume: {fmt_tokens(before)} -> {fmt_tokens(trainer.tokens_per_step)} "
-            f"tokens per step (ranks x micro_batch x grad_accum x seq_len: {world} x {was['micro_batch']} x "
-            f"{was['grad_accum']} x {was['seq_len']} -> {trainer.mesh.world} x {t.micro_batch} x {t.grad_accum} x "
+    return (f"the global batch changes on this resume: {fmt_tokens(before)} -> {fmt_tokens(tokens_per_step)} "
+            f"tokens per step (ranks x micro_batch x grad_accum x seq_len: {saved_world} x {was['micro_batch']} x "
+            f"{was['grad_accum']} x {was['seq_len']} -> {world} x {t.micro_batch} x {t.grad_accum} x "
             f"{t.seq_len}); the learning rate is not rescaled. Keep the tokens per step with --train.grad_accum or "
             f"--train.micro_batch")
 
@@ -86,14 +86,14 @@ class Trainer:
         self.progress = Progress()
         self.guard = Guard(cfg.guard, self.mesh.rank, self.mesh.world)
         self.faults = FaultInjector(cfg.faults, self.mesh.rank, self.run_dir)
-        self.faults.attach(self.model)
+        self.faults.attach(self.state.model)
         self.checkpoints = Checkpoints(cfg, self.state, self.progress, self.guard, self.data, self.mesh, self.faults,
                                        self.vocab_size, self.log, self.notes)
         self.policy = GuardPolicy(cfg, self.state, self.progress, self.guard, self.mesh, self.checkpoints, self.faults,
                                   self.batch_at, warn=lambda text: self.log.warn(text))  # fit() opens another log
         self.stop = StopRequest(self.mesh.rank)  # installed by fit()
         self.timer = StepTimer(self.device)
-        for moe in self.model.moe_modules():
+        for moe in self.state.model.moe_modules():
             if hasattr(moe.dispatcher, "timer"):  # expert parallelism: time the all-to-alls
                 moe.dispatcher.timer = self.timer
         if init_from is not None and self.resumed_from is None:
@@ -112,9 +112,10 @@ class Trainer:
         self.lineage = self.checkpoints.lineage = self._claim(write=True)
         decide(self.mesh, self.run_lock.acquire)  # pid and host; anew if run.overwrite moved the directory aside
         wrap(self.state, cfg, self.mesh)
-        self.batch_change = batch_change(saved, self) if saved is not None else None
-        self.flops_per_token = flops_per_token(self.model, t.seq_len)
-        self.peak_tflops = peak_tflops(device_label(self.device), self.precision, cfg.log.peak_tflops)
+        self.batch_change = (batch_change(saved, cfg, self.mesh.world, self.state.tokens_per_step)
+                             if saved is not None else None)
+        self.flops_per_token = flops_per_token(self.state.model, t.seq_len)
+        self.peak_tflops = peak_tflops(device_label(self.device), self.state.precision, cfg.log.peak_tflops)
 
     # ------------------------------------------------------------------------- set-up
 
@@ -139,14 +140,15 @@ class Trainer:
         return decide(self.mesh, on_rank0)
 
     def __getattr__(self, name: str):
-        """The built state's parts read as the trainer's (trainer.model, trainer.optimizer, ...)."""
+        """The built state's parts read as the trainer's (trainer.model, trainer.optimizer, ...), for the
+        scripts and tests that hold a trainer."""
         state = self.__dict__.get("state")
         if state is None or name not in TrainState.__dataclass_fields__:
             raise AttributeError(f"'Trainer' object has no attribute '{name}'")
         return getattr(state, name)
 
     def autocast(self):
-        return autocast(self.precision, self.device)
+        return autocast(self.state.precision, self.device)
 
     def batch_at(self, first_sample: int, prefetch_next: bool = False):
         """This rank's micro-batch of the global micro-step that starts at sample `first_sample` (on the
@@ -178,11 +180,11 @@ class Trainer:
     def evaluate(self) -> Optional[dict]:
         if not self.data.val:
             return None
-        self.model.eval()
+        self.state.model.eval()
         total = torch.zeros(2, device=self.device)
         for i, (x, y) in enumerate(self.data.val):
             with self.autocast():
-                out = self.model(x.to(self.device), y.to(self.device))
+                out = self.state.model(x.to(self.device), y.to(self.device))
             if i < self.data.val_counted:  # the rest are padding (see TrainData)
                 total += torch.stack([out.ce_loss.float(), torch.ones((), device=self.device)])
         if self.mesh.distributed:
@@ -193,14 +195,14 @@ class Trainer:
     @torch.no_grad()
     def sample(self, prompts: Optional[list[str]] = None) -> list[dict]:
         t = self.cfg.train
-        self.model.eval()
+        self.state.model.eval()
         gen = torch.Generator(device=self.device).manual_seed(t.seed + self.progress.step)  # not the global RNG
         results = []
         for prompt in prompts or t.sample_prompts:
             ids = self.tokenizer.encode(prompt) or [self.tokenizer.eot_id]
             idx = torch.tensor([ids], device=self.device)
             with self.autocast():
-                out = generate_ids(self.model, idx, t.sample_tokens, t.temperature, t.sample_top_k, generator=gen,
+                out = generate_ids(self.state.model, idx, t.sample_tokens, t.temperature, t.sample_top_k, generator=gen,
                                    vocab_limit=self.tokenizer.vocab_size)
             results.append({"step": self.progress.step, "prompt": prompt,
                             "text": self.tokenizer.decode(out[0, len(ids):].tolist())})
@@ -209,18 +211,18 @@ class Trainer:
     # ------------------------------------------------------------------------- the run
 
     def header(self) -> dict:
-        b = param_breakdown(self.model)
-        t, m, p = self.cfg.train, self.mesh, self.progress
+        t, m, p, s = self.cfg.train, self.mesh, self.progress, self.state
+        b = param_breakdown(s.model)
         rows = {
             "model": f"{self.cfg.model.name} ({self.cfg.attention.kind}, {self.cfg.moe.n_routed_experts} routed "
                      f"+ {self.cfg.moe.n_shared_experts} shared, top-{self.cfg.moe.top_k})",
             "parameters": f"{fmt_count(b['total'])} total, {fmt_count(b['active'])} active per token",
-            "layout": f"world {m.world} (edp {m.edp} x ep {m.ep}, {'FSDP2' if self.fsdp else 'DDP'}) on {self.device}, "
+            "layout": f"world {m.world} (edp {m.edp} x ep {m.ep}, {'FSDP2' if s.fsdp else 'DDP'}) on {self.device}, "
                       f"{torch.get_num_threads()} CPU threads per process"
-                      + (f", {self.experts.n_local} of {self.experts.n_experts} routed experts per rank"
-                         if self.experts else ""),
-            "precision": self.precision,
-            "tokens / step": f"{fmt_tokens(self.tokens_per_step)} = {m.world} ranks x {t.micro_batch} x "
+                      + (f", {s.experts.n_local} of {s.experts.n_experts} routed experts per rank"
+                         if s.experts else ""),
+            "precision": s.precision,
+            "tokens / step": f"{fmt_tokens(s.tokens_per_step)} = {m.world} ranks x {t.micro_batch} x "
                              f"{t.grad_accum} accum x {t.seq_len}",
             "data": f"{self.cfg.data.source} ({self.cfg.data.tokenizer}, vocab {self.vocab_size}, "
                     + (f"{fmt_tokens(self.data.train_tokens)} train tokens)" if self.data.train_tokens is not None
@@ -292,7 +294,7 @@ class Trainer:
             self.trackers.close()
             self.run_lock.release()
         result = {"history": history, "step": p.step, "stopped": stopped, "checkpoint": saved,
-                  "seconds": time.perf_counter() - began, "tokens": (p.step - started) * self.tokens_per_step,
+                  "seconds": time.perf_counter() - began, "tokens": (p.step - started) * self.state.tokens_per_step,
                   "resumed_at": started, "run_seconds": earlier + time.perf_counter() - began,
                   "run_tokens": p.tokens}
         self.log = self.checkpoints.log = RunLogger(None, self.mesh.rank, 0, "off")
@@ -326,7 +328,7 @@ class Trainer:
         # under expert parallelism or FSDP every rank samples (same generator seed, same lengths), since
         # each forward is a collective; rank 0 writes
         if t.sample_every and (p.step % t.sample_every == 0 or p.step == end) and \
-                (self.mesh.is_main or self.mesh.ep > 1 or self.fsdp):
+                (self.mesh.is_main or self.mesh.ep > 1 or self.state.fsdp):
             samples = self.sample()
             if self.mesh.is_main:
                 self._write_samples(samples)
