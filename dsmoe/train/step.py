@@ -18,6 +18,7 @@ from dsmoe.train.faults import FaultInjector
 from dsmoe.train.guard import Guard, GuardPolicy
 from dsmoe.train.optim import clip_grad_norm
 from dsmoe.train.precision import autocast
+from dsmoe.train.signals import StopRequest
 from dsmoe.train.state import Progress
 
 
@@ -42,7 +43,7 @@ class StepResult:
 
 
 def train_step(state: TrainState, progress: Progress, batches: Iterable, guard: Optional[Guard], cfg: Config, *,
-               policy: Optional[GuardPolicy] = None, lr: Optional[float] = None, stop: bool = False,
+               policy: Optional[GuardPolicy] = None, lr: Optional[float] = None, stop: Optional[StopRequest] = None,
                faults: Optional[FaultInjector] = None, timer=None, micro_steps: Optional[list[int]] = None,
                on_micro_step: Optional[Callable[[], None]] = None) -> StepResult:
     """Micro-steps `micro_steps` of train.grad_accum (default all) on `batches` [(x [B,S], y [B,S])], drawn
@@ -51,6 +52,7 @@ def train_step(state: TrainState, progress: Progress, batches: Iterable, guard: 
     fp16 overflowed; `progress` advanced. Without `guard` (the rehearsal) every step updates.
 
     `policy` decides what a bad step does (skip, localise, abort, or a rollback returned in the result);
+    `stop`: this rank's stop request, which the verdict carries to every rank;
     `timer`: a StepTimer whose phases the step is booked to; `on_micro_step`: called after each
     micro-step's backward (the rehearsal's memory tracker)."""
     t = cfg.train
@@ -95,7 +97,8 @@ def train_step(state: TrainState, progress: Progress, batches: Iterable, guard: 
         verdict = None
         if guard is not None:
             # one all-reduce and one host copy: NaN/spike flags, stop request, fp16 overflow, expert counts
-            verdict = guard.check(loss_sum / t.grad_accum, grad_norm, found_inf, stop, counts, dropped)
+            requested = stop is not None and stop.requested  # read as late as it can be: a signal during the step
+            verdict = guard.check(loss_sum / t.grad_accum, grad_norm, found_inf, requested, counts, dropped)
         if verdict is None or not (verdict.bad or verdict.overflow):
             state.optimizer.step()
         if found_inf is not None:  # every rank updates the scale from the same, global, overflow flag

@@ -162,7 +162,7 @@ class Trainer:
         rollback the guard decided, if any."""
         p = self.progress
         result = step.train_step(self.state, p, self._batches(), self.guard, self.cfg, policy=self.policy,
-                                 lr=self.schedule(p.sched_step) * p.lr_scale, stop=self.stop.requested,
+                                 lr=self.schedule(p.sched_step) * p.lr_scale, stop=self.stop,
                                  faults=self.faults, timer=self.timer)
         if result.rollback:
             self.policy.rollback()
