@@ -3,13 +3,13 @@ config, and against the analytic estimate."""
 import dataclasses
 
 import pytest
-import torch
 
 from dsmoe.config import CONFIG_ROOT, load_config
 from dsmoe.estimate import estimate_rows, main
 from dsmoe.metrics.memory import StepMemory
 from dsmoe.tools.memory import estimate_memory
-from dsmoe.train.simulate import StepParts, simulate, train_step
+from dsmoe.train.simulate import simulate
+from dsmoe.train.step import train_step
 from distributed import run_workers
 
 # v3-mini's layouts (FSDP2 + ep, and DDP + ep as on h100_multinode) at a width that runs in seconds:
@@ -37,8 +37,8 @@ def _close(a: float, b: float, rel: float = 0.10, floor: int = 64 * 1024) -> boo
 
 def _real_step(rank: int, world: int, dp: str, ep: int, run_dir: str, cache: str) -> dict:
     """Two warm-up steps of the real Trainer (AdamW's state exists after the first, DDP rebuilds its
-    buckets in the second), then the same step the simulation runs, measured by the same tracker on
-    real tensors."""
+    buckets in the second), then a third through the same function the simulation runs, measured by
+    the same tracker on real tensors."""
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
     from dsmoe.train.trainer import Trainer
@@ -55,13 +55,10 @@ def _real_step(rank: int, world: int, dp: str, ep: int, run_dir: str, cache: str
         trainer.wrapped.register_comm_hook(None, hook)
     trainer.train_step()
     trainer.train_step()
-    parts = StepParts(trainer.model, trainer.wrapped, trainer.optimizer, trainer.experts, trainer.param_sets,
-                      trainer.block_fn, trainer.fsdp, trainer.mesh.distributed, trainer.precision, trainer.device)
-    t = cfg.train
-    torch.manual_seed(rank)
-    batches = [(torch.randint(0, trainer.vocab_size, (t.micro_batch, t.seq_len)),) * 2 for _ in range(t.grad_accum)]
+    # the step the trainer's loop runs (guard included), with the tracker told of each micro-step
     with StepMemory(trainer.model, trainer.optimizer, trainer.fsdp, gradients=tuple(buckets.values())) as memory:
-        train_step(parts, batches, t.grad_accum, t.grad_clip, memory)
+        train_step(trainer.state, trainer.progress, trainer._batches(), trainer.guard, cfg, policy=trainer.policy,
+                   on_micro_step=memory.micro_step_done)
     return memory.peak()
 
 

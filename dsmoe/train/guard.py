@@ -13,13 +13,20 @@ import warnings
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 import torch.distributed as dist
 
-from dsmoe.config import GuardConfig
+from dsmoe.config import Config, GuardConfig
 from dsmoe.parallel.fsdp import local
+from dsmoe.parallel.mesh import Mesh
+from dsmoe.train.build import TrainState
+from dsmoe.train.faults import FaultInjector
+from dsmoe.train.precision import autocast
+
+if TYPE_CHECKING:  # state.py saves only from finite parameters, asking this module
+    from dsmoe.train.state import Checkpoints, Progress
 
 QUANTITIES = ("loss", "grad_norm", "params", "spike")
 HEAD = 4  # flags before the per-rank ones: loss non-finite, grad norm non-finite, fp16 overflow, stop requested
@@ -133,6 +140,14 @@ class Guard:
         self.events, self.rollbacks = int(state["events"]), int(state["rollbacks"])
 
 
+def params_finite_everywhere(model: torch.nn.Module, mesh: Mesh) -> bool:
+    """Whether every rank's parameters are finite (one all-reduce: expert shards differ between ranks)."""
+    ok = params_all_finite(model).float()
+    if mesh.distributed:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
+
+
 def params_all_finite(model: torch.nn.Module) -> torch.Tensor:
     """One fused check over every parameter (a 0-d bool tensor, no host sync)."""
     norms = torch._foreach_norm([local(p.detach()) for p in model.parameters()], 2.0)  # FSDP: this rank's shards
@@ -221,86 +236,89 @@ def write_report(run_dir: Path, report: dict) -> Path:
 
 class GuardPolicy:
     """What the trainer does with a bad step: skip it (every rank alike), localise the first event,
-    roll back to the newest checkpoint after repeats, or abort with a report."""
+    decide a rollback to the newest checkpoint after repeats (the loop applies it), or abort with a report.
 
-    def __init__(self, trainer):
-        self.trainer = trainer
-        self.cfg: GuardConfig = trainer.cfg.guard
+    `batch_at(first_sample)`: this rank's micro-batch at a sample position (the replay's); `warn`: how
+    the run reports (its logger changes when fit() opens the run's files)."""
+
+    def __init__(self, cfg: Config, state: TrainState, progress: Progress, guard: Guard, mesh: Mesh,
+                 checkpoints: Checkpoints, faults: FaultInjector, batch_at: Callable, warn: Callable[[str], None]):
+        self.cfg: GuardConfig = cfg.guard
+        self.grad_accum, self.run_dir = cfg.train.grad_accum, Path(cfg.run.dir)
+        self.state, self.progress, self.guard, self.mesh = state, progress, guard, mesh
+        self.checkpoints, self.faults, self.batch_at, self.warn = checkpoints, faults, batch_at, warn
         self.events: list[dict] = []  # guard events of this run, for logs and tests
 
-    def _warn(self, text: str) -> None:
-        if self.trainer.log is not None:
-            self.trainer.log.warn(text)
-
     def record(self, verdict: StepVerdict) -> dict:
-        t = self.trainer
-        event = {"step": t.progress.step, "what": verdict.what, "ranks": verdict.ranks, "zscore": verdict.zscore,
+        step = self.progress.step
+        event = {"step": step, "what": verdict.what, "ranks": verdict.ranks, "zscore": verdict.zscore,
                  "policy": self.cfg.policy}
         self.events.append(event)
         ranks = f" on rank(s) {verdict.ranks}" if verdict.ranks else ""
-        self._warn(f"step {t.progress.step}: {', '.join(verdict.what)} tripped the guard{ranks} -> {self.cfg.policy}"
-                   + (f" (z={verdict.zscore:.1f})" if verdict.zscore else ""))
+        self.warn(f"step {step}: {', '.join(verdict.what)} tripped the guard{ranks} -> {self.cfg.policy}"
+                  + (f" (z={verdict.zscore:.1f})" if verdict.zscore else ""))
         return event
 
-    def on_bad_step(self, verdict: StepVerdict, first_sample: int) -> None:
-        """Skip (every rank alike), then localise the first event, then roll back or abort if asked."""
+    def on_bad_step(self, verdict: StepVerdict, first_sample: int) -> bool:
+        """Skip (every rank alike), then localise the first event, then abort if asked. Returns whether
+        to roll back (policy rollback, after repeats): the loop applies it with `rollback`."""
         first_event = not self.events
         self.record(verdict)
         if self.cfg.localize and first_event and "spike" not in verdict.what:
             self.localize(first_sample)
         if self.cfg.policy == "abort":
-            self.abort(f"step {self.trainer.progress.step}: {', '.join(verdict.what)} non-finite on ranks "
-                       f"{verdict.ranks}")
-        if self.cfg.policy == "rollback" and self.trainer.guard.record_bad(self.trainer.progress.step):
-            self.rollback()
+            self.abort(f"step {self.progress.step}: {', '.join(verdict.what)} non-finite on ranks {verdict.ranks}")
+        return self.cfg.policy == "rollback" and self.guard.record_bad(self.progress.step)
 
-    def check_params(self) -> None:
-        """Non-finite parameters after an update cannot be skipped: roll back, or abort."""
-        if self.trainer.params_finite_everywhere():
-            return
+    def check_params(self) -> bool:
+        """Non-finite parameters after an update cannot be skipped: returns whether to roll back (else
+        aborts)."""
+        if params_finite_everywhere(self.state.model, self.mesh):
+            return False
         self.record(StepVerdict(True, ["params"], []))
-        if self.cfg.policy == "rollback":
-            self.rollback()
-        else:
-            self.abort(f"step {self.trainer.progress.step}: non-finite parameters after the update")
+        if self.cfg.policy != "rollback":
+            self.abort(f"step {self.progress.step}: non-finite parameters after the update")
+        return True
 
     def localize(self, first_sample: int) -> None:
         """Replay the step's micro-batches with hooks; every rank replays all of them (EP collectives)."""
-        t = self.trainer
+        s = self.state
         report = None
-        for i in range(t.cfg.train.grad_accum):
-            x, y = t.batch_at(first_sample + i * t.samples_per_micro_step)
+        for i in range(self.grad_accum):
+            x, y = self.batch_at(first_sample + i * s.samples_per_micro_step)
 
             def run(x=x, y=y):
-                with t.autocast():
-                    return t.faults.scale_loss(t.model(x, y).loss)
+                with autocast(s.precision, s.device):
+                    return self.faults.scale_loss(s.model(x, y).loss)
 
-            found = localize(t.model, run, t.progress.step, t.mesh.rank)
+            found = localize(s.model, run, self.progress.step, self.mesh.rank)
             report = report or found
         if report is not None:
-            path = write_report(t.run_dir, report)
+            path = write_report(self.run_dir, report)
             self.events[-1]["report"] = report
-            self._warn(f"first non-finite value: {report['phase']} of {report['module']} ({report.get('type')}) "
-                       f"at step {report['step']} on rank {report['rank']} -> {path}")
+            self.warn(f"first non-finite value: {report['phase']} of {report['module']} ({report.get('type')}) "
+                      f"at step {report['step']} on rank {report['rank']} -> {path}")
 
     def rollback(self) -> None:
-        t, g = self.trainer, self.cfg
-        if t.guard.rollbacks >= g.max_rollbacks:
-            self.abort(f"{t.guard.rollbacks} rollbacks did not help")
-        path = t.checkpoints.newest()  # chosen by rank 0, broadcast
+        """To the newest checkpoint, keeping the data position (past the data that went bad) and the
+        guard's history, with the learning rate scaled by guard.rollback_lr_factor."""
+        g, p, guard = self.cfg, self.progress, self.guard
+        if guard.rollbacks >= g.max_rollbacks:
+            self.abort(f"{guard.rollbacks} rollbacks did not help")
+        path = self.checkpoints.newest()  # chosen by rank 0, broadcast
         if path is None:
             self.abort("no checkpoint to roll back to (set checkpoint.every)")
-        samples, lr_scale, guard_state = t.progress.samples, t.progress.lr_scale, t.guard.state_dict()
-        t.restore(path)
-        t.progress.samples = samples  # skip past the data that went bad
-        t.guard.load_state_dict(guard_state)
-        t.guard.rollbacks += 1
-        t.guard.bad_steps.clear()
-        t.progress.lr_scale = lr_scale * g.rollback_lr_factor
-        self._warn(f"rolled back to {path.name} (step {t.progress.step}), data position kept at sample {samples}, "
-                   f"learning rate x{t.progress.lr_scale:g}")
+        samples, lr_scale, guard_state = p.samples, p.lr_scale, guard.state_dict()
+        self.checkpoints.restore(path)
+        p.samples = samples  # skip past the data that went bad
+        guard.load_state_dict(guard_state)
+        guard.rollbacks += 1
+        guard.bad_steps.clear()
+        p.lr_scale = lr_scale * g.rollback_lr_factor
+        self.warn(f"rolled back to {path.name} (step {p.step}), data position kept at sample {samples}, "
+                  f"learning rate x{p.lr_scale:g}")
 
     def abort(self, why: str) -> None:
         events = "\n".join(f"  step {e['step']}: {', '.join(e['what'])} ranks {e['ranks']}" for e in self.events)
         raise TrainingAborted(f"training aborted: {why}; nothing was saved from the bad state.\n"
-                              f"events:\n{events}\nlast good checkpoint: {self.trainer.checkpoints.newest()}")
+                              f"events:\n{events}\nlast good checkpoint: {self.checkpoints.newest()}")

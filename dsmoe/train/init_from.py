@@ -13,6 +13,7 @@ from dsmoe.parallel.expert_state import is_expert_param
 from dsmoe.parallel.fsdp import place_shard
 from dsmoe.checkpoint import CheckpointError, read_state
 from dsmoe.checkpoint.file import check_compatible
+from dsmoe.train.build import TrainState
 
 
 def is_hf_dir(path: str | Path) -> bool:
@@ -46,21 +47,21 @@ def init_weights_of(source: str | Path, cfg: Config) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def load_weights(trainer, source: str) -> None:
-    """Whole tensors from `source` into this rank's parameters (its experts, its FSDP shards)."""
-    whole = init_weights_of(source, trainer.cfg)
+def load_weights(state: TrainState, cfg: Config, vocab_size: int, source: str) -> None:
+    """Whole tensors from `source` into this rank's parameters of `state.model` (its experts, its FSDP
+    shards), after check_compatible has compared the source's shapes and config with `cfg`'s."""
+    whole = init_weights_of(source, cfg)
     with torch.device("meta"):  # the single-process shapes the source holds
-        shapes = Transformer(trainer.cfg, trainer.vocab_size).state_dict()
-    check_compatible({"config": trainer.cfg.to_dict(), "model": whole}, trainer.cfg.model_dict(), shapes, source)
-    place = place_shard if trainer.fsdp else (lambda param, value: param.copy_(value))
-    modules = dict(trainer.model.named_modules())
-    for name, param in trainer.model.named_parameters():
+        shapes = Transformer(cfg, vocab_size).state_dict()
+    check_compatible({"config": cfg.to_dict(), "model": whole}, cfg.model_dict(), shapes, source)
+    place = place_shard if state.fsdp else (lambda param, value: param.copy_(value))
+    modules = dict(state.model.named_modules())
+    for name, param in state.model.named_parameters():
         value = whole[name]
         if is_expert_param(name):  # this EP rank's rows
             first = modules[name.rsplit(".", 1)[0]].first
             value = value[first:first + param.shape[0]]
         place(param, value)
-    for name, buf in trainer.model.named_buffers():
+    for name, buf in state.model.named_buffers():
         if name in whole:  # the routing bias
             buf.copy_(whole[name])
-    trainer.log.print(f"initialised from {source}")

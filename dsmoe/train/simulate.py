@@ -30,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -44,14 +44,12 @@ from dsmoe.model import attention, moe
 from dsmoe.model.grouped_mm import GROUPED_MM, _grouped_mm_op
 from dsmoe.parallel import dispatch
 from dsmoe.parallel.dispatch import make_dispatcher
-from dsmoe.parallel.expert_state import ExpertShards, is_expert_param
-from dsmoe.parallel.fsdp import apply_fsdp, grad_norm_sets, optional_no_sync
 from dsmoe.parallel.mesh import Mesh
-from dsmoe.parallel.wrap import block_fn_for
-from dsmoe.tools.model import meta_model, vocab_size_of
-from dsmoe.train.optim import build_optimizer, clip_grad_norm
-from dsmoe.train.precision import autocast
+from dsmoe.tools.model import vocab_size_of
 from dsmoe.checkpoint.sharded import ShardedState
+from dsmoe.train.build import build, wrap
+from dsmoe.train.state import Progress
+from dsmoe.train.step import train_step
 
 ASSUMPTIONS = [
     "balanced routing: every expert gets T*K/E token rows from every rank per MoE layer (the real split "
@@ -61,44 +59,6 @@ ASSUMPTIONS = [
 ]
 DDP_ASSUMPTION = ("DDP's gradient buckets (gradient_as_bucket_view) are one flat buffer; gradients become its views "
                   "on the synchronising backward")
-
-
-@dataclasses.dataclass
-class StepParts:
-    """What one training step touches, as the trainer holds it (Trainer: model, wrapped, optimizer,
-    experts, param_sets, block_fn, fsdp, precision, device)."""
-
-    model: torch.nn.Module
-    wrapped: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    experts: Optional[ExpertShards]
-    param_sets: list
-    block_fn: Optional[Callable]
-    fsdp: bool
-    distributed: bool
-    precision: str
-    device: torch.device
-
-
-def train_step(parts: StepParts, batches: list, grad_accum: int, grad_clip: float, memory: StepMemory,
-               micro_steps: Optional[list[int]] = None) -> None:
-    """The trainer's step without its host-side bookkeeping (guard, logging, schedule): micro-steps
-    `micro_steps` of `grad_accum` (default all) on `batches` [(x [B,S], y [B,S])], gradient sync on the
-    last, expert gradients reduced, clipped, AdamW stepped, gradients freed. fp16's GradScaler is left
-    out: it scales the loss and unscales the gradients in place."""
-    micro_steps = list(range(grad_accum)) if micro_steps is None else micro_steps
-    for micro, (x, y) in zip(micro_steps, batches):
-        last = micro == grad_accum - 1
-        with optional_no_sync(parts.wrapped, parts.fsdp, parts.distributed, last):
-            with autocast(parts.precision, parts.device):
-                out = parts.wrapped(x, y, block_fn=parts.block_fn)
-            (out.loss / grad_accum).backward()
-        memory.micro_step_done()
-    if parts.experts is not None:
-        parts.experts.reduce_grads(edp_averaged=parts.fsdp)
-    clip_grad_norm(parts.param_sets, grad_clip)
-    parts.optimizer.step()
-    parts.optimizer.zero_grad(set_to_none=True)
 
 
 class BucketedDDP(torch.nn.Module):
@@ -191,42 +151,20 @@ def _v_padding_on_real(*args) -> bool:
 _V_PADDING_NEEDED = attention.v_padding_needed
 
 
-def build(cfg: Config, mesh: Mesh, precision: str) -> tuple[StepParts, ShardedState]:
-    """The model, wrapper and optimizer as the trainer builds them, on fake tensors (call under
-    FakeTensorMode): meta construction, FSDP2 sharding, then `to_empty`. The weights stay uninitialised:
-    fake tensors hold no values, and no value changes a byte count."""
+def _dispatcher_factory(cfg: Config, mesh: Mesh):
+    """The trainer's dispatchers, with the transport a CUDA rank takes (it is picked by device type)."""
     E = cfg.moe.n_routed_experts
-    factory = None
-    if mesh.ep > 1:
-        def factory(layer):
-            dispatcher = make_dispatcher(E, mesh, drops=cfg.moe.capacity_factor is not None)
-            if cfg.train.device != "cpu":  # the transport a CUDA rank takes (it is picked by device type)
-                dispatcher.transport = "reorder"
-            return dispatcher
-    with unset_fake_temporarily():  # device meshes and process groups are made of real tensors
-        model = meta_model(cfg, mesh.ep, vocab_size_of(cfg), dispatcher_factory=factory)
-        fsdp = cfg.parallel.dp == "fsdp" and mesh.distributed
-        if fsdp:
-            apply_fsdp(model, mesh, cfg.parallel, precision)
-    model.to_empty(device=mesh.device)
-    model.tie_weights()
-    names = {n for n, _ in model.named_parameters() if is_expert_param(n)}
-    experts = ExpertShards.of(model, mesh, E) if mesh.ep > 1 and names else None
-    if fsdp:
-        param_sets = grad_norm_sets(model, cfg.parallel.replicate, names)
-    elif experts is not None:
-        param_sets = [([p for n, p in model.named_parameters() if n not in names], None), (experts.params, mesh.ep_group)]
-    else:
-        param_sets = [(list(model.parameters()), None)]
-    optimizer = build_optimizer(model, cfg.train)
-    wrapped = model if fsdp or not mesh.distributed else BucketedDDP(model, names)
-    parts = StepParts(model, wrapped, optimizer, experts, param_sets, block_fn_for(cfg.parallel), fsdp,
-                      mesh.distributed, precision, mesh.device)
-    sharded = ShardedState(model, optimizer, mesh, experts, fsdp)
-    if experts is not None:
-        with unset_fake_temporarily():
-            sharded.experts_mesh  # noqa: B018 - built now, outside fake mode (a device mesh)
-    return parts, sharded
+
+    def factory(layer):
+        dispatcher = make_dispatcher(E, mesh, drops=cfg.moe.capacity_factor is not None)
+        if cfg.train.device != "cpu":
+            dispatcher.transport = "reorder"
+        return dispatcher
+    return factory if mesh.ep > 1 else None
+
+
+def _bucketed_ddp(model, mesh, parallel, ignore):
+    return BucketedDDP(model, ignore)
 
 
 def checkpoint_plan(sharded: ShardedState) -> dict:
@@ -266,20 +204,24 @@ def simulate(cfg: Config, world: int, ep: Optional[int] = None) -> dict:
             _swapped(attention, "v_padding_needed", _v_padding_on_real):
         mesh = rank0_mesh(world, ep)
         with FakeTensorMode(allow_non_fake_inputs=True):
-            parts, sharded = build(cfg, mesh, precision)
-            sharded.init_optimizer_state()  # AdamW's moments exist from the first step on: the steady state
+            # the trainer's build and step on fake tensors: weights stay uninitialised (no value changes a
+            # byte count), DDP is BucketedDDP, no guard (its verdict is a host copy of values)
+            state = build(cfg, mesh, vocab_size_of(cfg), precision, _dispatcher_factory(cfg, mesh), fake=True)
+            wrap(state, cfg, mesh, ddp=_bucketed_ddp, compile=False)
+            state.sharded.init_optimizer_state()  # AdamW's moments exist from the first step on: the steady state
             V = vocab_size_of(cfg)
             batches = [(torch.randint(0, V, (t.micro_batch, t.seq_len)),) * 2 for _ in micro_steps]
-            buckets = (parts.wrapped.buckets,) if isinstance(parts.wrapped, BucketedDDP) else ()
-            with StepMemory(parts.model, parts.optimizer, parts.fsdp, gradients=buckets) as memory:
-                train_step(parts, batches, t.grad_accum, t.grad_clip, memory, micro_steps)
+            buckets = (state.wrapped.buckets,) if isinstance(state.wrapped, BucketedDDP) else ()
+            with StepMemory(state.model, state.optimizer, state.fsdp, gradients=buckets) as memory:
+                train_step(state, Progress(), batches, None, cfg, micro_steps=micro_steps,
+                           on_micro_step=memory.micro_step_done)
             with unset_fake_temporarily():  # the planner computes chunk offsets with real tensors
-                plan = checkpoint_plan(sharded)
-    assumptions = ASSUMPTIONS[:1] * (ep > 1) + ASSUMPTIONS[1:] + [DDP_ASSUMPTION] * (world > 1 and not parts.fsdp)
+                plan = checkpoint_plan(state.sharded)
+    assumptions = ASSUMPTIONS[:1] * (ep > 1) + ASSUMPTIONS[1:] + [DDP_ASSUMPTION] * (world > 1 and not state.fsdp)
     if t.grad_accum > 2:
         assumptions.append(f"micro-steps 1 and {t.grad_accum} run; 2..{t.grad_accum - 1} repeat the memory "
                            f"state of {t.grad_accum}")
-    return {"world": world, "ep": ep, "dp": "fsdp" if parts.fsdp else "ddp", "precision": precision,
+    return {"world": world, "ep": ep, "dp": "fsdp" if state.fsdp else "ddp", "precision": precision,
             "device": "cpu (fake tensors)", "micro_steps": [m + 1 for m in micro_steps], "peak": memory.peak(),
             "checkpoint": {"format": cfg.checkpoint.format, **plan}, "assumptions": assumptions,
             "seconds": time.perf_counter() - t0}

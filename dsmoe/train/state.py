@@ -29,8 +29,13 @@ from dsmoe.checkpoint.file import (CheckpointDamaged, CheckpointError, Checkpoin
 from dsmoe.checkpoint.resolve import newest_whole, set_aside
 from dsmoe.checkpoint.sharded import (commit_sharded, host_stager, load_meta, model_shapes, sharded_problem,
                                       staging_dir, then, unwrap, write_shards)
-from dsmoe.config import ConfigError
+from dsmoe.config import Config, ConfigError
 from dsmoe.data.identity import file_changes
+from dsmoe.metrics.logger import RunLogger
+from dsmoe.train.build import TrainState
+from dsmoe.train.data import TrainData
+from dsmoe.train.faults import FaultInjector
+from dsmoe.train.guard import Guard, params_finite_everywhere
 from dsmoe.train.optim import Schedule
 
 DATA_CHANGE_RULE = ("the run continues at the same sample position in the new files (prepared data: the same "
@@ -106,29 +111,38 @@ class Checkpoints:
     step timeout: ranks wait there while rank 0 writes a file or commits a directory, and DCP plans
     over it (an asynchronous save from its background thread, beside the training's collectives)."""
 
-    def __init__(self, trainer):
-        self.t = trainer
+    def __init__(self, cfg: Config, state: TrainState, progress: Progress, guard: Guard, data: TrainData, mesh,
+                 faults: FaultInjector, vocab_size: int, log: RunLogger, notes: list[str]):
+        """`log`: the run's logger (the trainer hands over the run's own when fit() opens it); `notes`:
+        what the run's header says, to which a restore adds (a fresh GradScaler)."""
+        self.cfg, self.state, self.progress, self.guard, self.data, self.mesh = cfg, state, progress, guard, data, mesh
+        self.faults, self.vocab_size, self.log, self.notes = faults, vocab_size, log, notes
+        self.run_dir = Path(cfg.run.dir)
+        fmt = cfg.checkpoint.format
+        self.save_sharded = fmt == "sharded" or (fmt == "auto" and (mesh.distributed or cfg.checkpoint.async_save))
+        self.schedule: Optional[Schedule] = None  # saved with the state: set once the run's is known
+        self.lineage: Optional[str] = None  # the run directory's lineage, saved with the state: set once claimed
         self.pending: Optional[Future] = None  # the asynchronous save in flight
         self.pending_target: tuple = ()  # its (path, temporary directory, bytes)
-        if trainer.cfg.checkpoint.async_save and not trainer.save_sharded:
+        if cfg.checkpoint.async_save and not self.save_sharded:
             raise ConfigError("checkpoint.async_save writes sharded (DCP) directories in the background: set "
                               "checkpoint.format=sharded (or auto), or checkpoint.async_save=false to write one file")
 
     @functools.cached_property
     def group(self) -> Optional[dist.ProcessGroup]:
         """Built on first use (every rank saves and restores at the same points)."""
-        if not self.t.mesh.distributed:
+        if not self.mesh.distributed:
             return None
-        return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=self.t.cfg.checkpoint.timeout_s))
+        return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=self.cfg.checkpoint.timeout_s))
 
     @functools.cached_property
     def stager(self):
         """checkpoint.async_save's host copy of this rank's shards, reused by every save."""
-        return host_stager(self.t.device)
+        return host_stager(self.state.device)
 
     def newest(self) -> Optional[Path]:
         self.wait()
-        return newest_checkpoint(self.t.run_dir, self.t.mesh)
+        return newest_checkpoint(self.run_dir, self.mesh)
 
     def wait(self) -> None:
         """Return once the asynchronous save in flight, if any, is committed; every rank calls it (the
@@ -145,16 +159,16 @@ class Checkpoints:
             problems = [None]
         except (Exception, CheckpointException) as e:  # DCP's write (every rank alike) or rank 0's commit
             problems = [str(write_error(e, path, nbytes)) if os_error(e) else f"{type(e).__name__}: {unwrap(e)}"]
-        if self.t.mesh.distributed:
-            mine, problems = problems[0], [None] * self.t.mesh.world
+        if self.mesh.distributed:
+            mine, problems = problems[0], [None] * self.mesh.world
             dist.all_gather_object(problems, mine, group=self.group)
         found = [p for p in problems if p]
         if found:
-            if self.t.mesh.is_main:
+            if self.mesh.is_main:
                 remove_temporary(tmp)
             raise CheckpointWriteError(found[0] if found[0].startswith("checkpoint ") else
                                        f"checkpoint {path}, written in the background, failed: {found[0]}")
-        self.t.log.print(f"checkpoint: {path} written")
+        self.log.print(f"checkpoint: {path} written")
 
     def poll(self) -> None:
         """After each step while an asynchronous save is in flight: its failure on any rank stops the run
@@ -163,7 +177,7 @@ class Checkpoints:
         if self.pending is None:
             return
         failed = torch.tensor([float(self.pending.done() and self.pending.exception() is not None)])
-        if self.t.mesh.distributed:
+        if self.mesh.distributed:
             dist.all_reduce(failed, op=dist.ReduceOp.MAX)
         if failed.item():
             self.wait()
@@ -172,15 +186,14 @@ class Checkpoints:
 
     def gather_rng(self) -> dict:
         """Every rank's RNG states as [world, n] uint8 tensors (all ranks take part)."""
-        t = self.t
         out = {}
         states = {"cpu": torch.get_rng_state()}
-        if t.device.type == "cuda":
-            states["cuda"] = torch.cuda.get_rng_state(t.device)
+        if self.state.device.type == "cuda":
+            states["cuda"] = torch.cuda.get_rng_state(self.state.device)
         for name, s in states.items():
-            if t.mesh.distributed:
-                comm = s.to(t.device) if t.device.type == "cuda" else s
-                parts = [torch.empty_like(comm) for _ in range(t.mesh.world)]
+            if self.mesh.distributed:
+                comm = s.to(self.state.device) if self.state.device.type == "cuda" else s
+                parts = [torch.empty_like(comm) for _ in range(self.mesh.world)]
                 dist.all_gather(parts, comm)
                 out[name] = torch.stack([p.cpu() for p in parts])
             else:
@@ -189,30 +202,28 @@ class Checkpoints:
 
     def meta_state(self) -> dict:
         """Everything but the model and optimizer tensors; every rank must call it (RNG states are gathered)."""
-        t = self.t
         return {
-            "scaler": t.scaler.state_dict(),
-            "progress": asdict(t.progress),
-            "schedule": t.schedule.state_dict(),
-            "guard": t.guard.state_dict(),
+            "scaler": self.state.scaler.state_dict(),
+            "progress": asdict(self.progress),
+            "schedule": self.schedule.state_dict(),
+            "guard": self.guard.state_dict(),
             "rng": self.gather_rng(),
-            "config": t.cfg.to_dict(),
-            "layout": {"world": t.mesh.world, "ep": t.mesh.ep, "dp": "fsdp" if t.fsdp else "ddp"},
-            "data": {**data_identity(t.cfg), "vocab_size": t.vocab_size, "files": t.data.files},
-            "run": {"lineage": t.lineage},
-            "data_stream": t.data.state_dict(),  # None for prepared files (their position is `samples`)
+            "config": self.cfg.to_dict(),
+            "layout": {"world": self.mesh.world, "ep": self.mesh.ep, "dp": "fsdp" if self.state.fsdp else "ddp"},
+            "data": {**data_identity(self.cfg), "vocab_size": self.vocab_size, "files": self.data.files},
+            "run": {"lineage": self.lineage},
+            "data_stream": self.data.state_dict(),  # None for prepared files (their position is `samples`)
         }
 
     def full_state(self, meta: Optional[dict] = None) -> dict:
         """The whole state as one single-process checkpoint (every expert, whole FSDP tensors) on rank
         0's host; every rank must call it. The others get the meta state with an empty model and
         optimizer state, having held at most one whole tensor at a time (ShardedState.gather)."""
-        t = self.t
-        model, optim = t.sharded.gather()
-        names = t.sharded.param_names()
+        model, optim = self.state.sharded.gather()
+        names = self.state.sharded.param_names()
         optim_state = {i: optim[n] for i, n in enumerate(names) if n in optim}
         return {"model": model, "optimizer": {"state": optim_state,
-                                              "param_groups": t.optimizer.state_dict()["param_groups"]},
+                                              "param_groups": self.state.optimizer.state_dict()["param_groups"]},
                 **(meta or self.meta_state())}
 
     # ---------------------------------------------------------------- save
@@ -220,82 +231,80 @@ class Checkpoints:
     def save(self) -> Optional[Path]:
         """Every rank calls it; never writes from non-finite parameters. The path on every rank (with
         checkpoint.async_save, where the directory will be once its background write commits)."""
-        t = self.t
         self.wait()  # one save in flight at a time
-        if not t.params_finite_everywhere():
-            t.log.warn(f"step {t.progress.step}: parameters are not finite: checkpoint not written")
+        if not params_finite_everywhere(self.state.model, self.mesh):
+            self.log.warn(f"step {self.progress.step}: parameters are not finite: checkpoint not written")
             return None
         began = time.perf_counter()
-        keep, hook, meta = t.cfg.checkpoint.keep_last, t.faults.save_hook(), self.meta_state()
-        path = checkpoint_path(t.run_dir, t.progress.step, t.save_sharded)
-        decide(t.mesh, lambda: self.check_run_dir(path), self.group)
-        if t.save_sharded:  # every rank writes its shards; no rank holds the whole model
-            tensors = t.sharded.tensors()
+        keep, hook, meta = self.cfg.checkpoint.keep_last, self.faults.save_hook(), self.meta_state()
+        path = checkpoint_path(self.run_dir, self.progress.step, self.save_sharded)
+        decide(self.mesh, lambda: self.check_run_dir(path), self.group)
+        if self.save_sharded:  # every rank writes its shards; no rank holds the whole model
+            tensors = self.state.sharded.tensors()
             nbytes = sum(v.numel() * v.element_size() for v in tensors.values())  # global shapes: the whole
-            tmp = decide(t.mesh, lambda: storage_guarded(lambda: staging_dir(path), path, nbytes), self.group)
+            tmp = decide(self.mesh, lambda: storage_guarded(lambda: staging_dir(path), path, nbytes), self.group)
 
             def finish():
                 return commit_sharded(tmp, path, meta, keep, before_commit=hook)
 
             try:
-                written = write_shards(tensors, tmp, self.group, self.stager if t.cfg.checkpoint.async_save else None)
+                written = write_shards(tensors, tmp, self.group, self.stager if self.cfg.checkpoint.async_save else None)
             except (Exception, CheckpointException) as e:  # every rank alike (DCP agrees on failures)
                 if os_error(e) is None:
                     raise
-                decide(t.mesh, lambda: remove_temporary(tmp), self.group)
+                decide(self.mesh, lambda: remove_temporary(tmp), self.group)
                 raise write_error(e, path, nbytes) from None
             if written is not None:  # rank 0 commits when every rank's shards are written
-                self.pending, self.pending_target = then(written, finish if t.mesh.is_main else None), (path, tmp,
+                self.pending, self.pending_target = then(written, finish if self.mesh.is_main else None), (path, tmp,
                                                                                                          nbytes)
-                t.log.print(f"checkpoint: writing {path} in the background (training waited "
+                self.log.print(f"checkpoint: writing {path} in the background (training waited "
                             f"{time.perf_counter() - began:.2f} s)")
                 return path
-            decide(t.mesh, lambda: storage_guarded(finish, path, nbytes, tmp), self.group)
+            decide(self.mesh, lambda: storage_guarded(finish, path, nbytes, tmp), self.group)
         else:  # rank 0 gathers and writes; the others wait for it in self.group
             state = self.full_state(meta)
-            path = decide(t.mesh, lambda: save_checkpoint(state, path, keep, before_commit=hook), self.group)
+            path = decide(self.mesh, lambda: save_checkpoint(state, path, keep, before_commit=hook), self.group)
             del state
-        t.log.print(f"checkpoint: {path} ({time.perf_counter() - began:.2f} s)")
+        self.log.print(f"checkpoint: {path} ({time.perf_counter() - began:.2f} s)")
         return path
 
     def check_run_dir(self, path: Path) -> None:
         """Rank 0: the run directory still exists (a save would otherwise recreate it, silently)."""
-        if not self.t.run_dir.is_dir():
-            raise write_error(FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(self.t.run_dir)), path)
+        if not self.run_dir.is_dir():
+            raise write_error(FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(self.run_dir)), path)
 
     # ---------------------------------------------------------------- restore
 
     def restore(self, path: Path) -> dict:
         """From a single file or a sharded directory, whatever layout wrote it. Returns the meta state."""
-        t = self.t
         self.wait()
         # checkpoints hold tensors at their single-process shapes (every expert): compare with those
-        model_view, _ = t.sharded.view()
+        model_view, _ = self.state.sharded.view()
         if is_sharded(path):
             state = load_meta(path)
             self.verify(path, state)
-            check_compatible({**state, "model": model_shapes(path)}, t.cfg.model_dict(), model_view, path)
+            check_compatible({**state, "model": model_shapes(path)}, self.cfg.model_dict(), model_view, path)
             self.check_data(state, path)
-            t.sharded.load(path, self.group)  # each rank reads its own shards
+            self.state.sharded.load(path, self.group)  # each rank reads its own shards
         else:
             state = load_checkpoint(path, verify=False)  # memory-mapped: each rank reads what it keeps
             self.verify(path, state)
-            check_compatible(state, t.cfg.model_dict(), model_view, path)
+            check_compatible(state, self.cfg.model_dict(), model_view, path)
             self.check_data(state, path)
-            names = t.sharded.param_names()
-            t.sharded.place(state["model"], {names[int(i)]: per for i, per in state["optimizer"]["state"].items()})
-        note = restore_scaler(t.scaler, state["scaler"])
+            names = self.state.sharded.param_names()
+            self.state.sharded.place(state["model"], {names[int(i)]: per for i, per in state["optimizer"]["state"].items()})
+        note = restore_scaler(self.state.scaler, state["scaler"])
         if note:
-            t.notes.append(note)
-        t.data.load_state_dict(state.get("data_stream"))
-        vars(t.progress).update(asdict(progress_of(state)))  # in place: the loop holds this object
-        t.guard.load_state_dict(state.get("guard") or t.guard.state_dict())
+            self.notes.append(note)
+        self.data.load_state_dict(state.get("data_stream"))
+        vars(self.progress).update(asdict(progress_of(state)))  # in place: the loop holds this object
+        self.guard.load_state_dict(state.get("guard") or self.guard.state_dict())
         rng = state["rng"]
-        if t.mesh.rank < rng["cpu"].shape[0]:  # a rank beyond the saved world keeps its seeded state
+        if self.mesh.rank < rng["cpu"].shape[0]:  # a rank beyond the saved world keeps its seeded state
             # clone: set_rng_state reads a row view from its storage's start (and can crash)
-            torch.set_rng_state(rng["cpu"][t.mesh.rank].clone())
-            if t.device.type == "cuda" and "cuda" in rng and t.mesh.rank < rng["cuda"].shape[0]:
-                torch.cuda.set_rng_state(rng["cuda"][t.mesh.rank].clone(), t.device)
+            torch.set_rng_state(rng["cpu"][self.mesh.rank].clone())
+            if self.state.device.type == "cuda" and "cuda" in rng and self.mesh.rank < rng["cuda"].shape[0]:
+                torch.cuda.set_rng_state(rng["cuda"][self.mesh.rank].clone(), self.state.device)
         return state
 
     def restore_verified(self, path: Optional[Path], auto: bool) -> tuple[Optional[Path], Optional[dict]]:
@@ -308,19 +317,19 @@ class Checkpoints:
             except CheckpointDamaged as e:
                 if not auto:
                     raise
-                damaged, why, log = path, str(e), self.t.log
+                damaged, why, log = path, str(e), self.log
 
                 def next_older():
                     log.warn(f"skipped checkpoint {damaged.name}: {why}; moved to {set_aside(damaged).name}")
-                    return newest_whole(self.t.run_dir, move=True, report=log.warn)
+                    return newest_whole(self.run_dir, move=True, report=log.warn)
 
-                path = decide(self.t.mesh, next_older)
+                path = decide(self.mesh, next_older)
         return None, None
 
     def verify(self, path: Path, state: dict) -> None:
         """The file's checksum or the directory's manifest, verified by every rank together: each re-reads
         1/world of the bytes. Raises CheckpointDamaged on every rank alike."""
-        m = self.t.mesh
+        m = self.mesh
         try:
             mine = (sharded_problem if is_sharded(path) else checksum_problem)(path, state, m.rank, m.world)
         except CheckpointError as e:  # no manifest: every rank finds the same
@@ -337,20 +346,20 @@ class Checkpoints:
         if "seq_len" not in saved:  # older checkpoints: from their config
             cfg = state["config"]
             saved = {**saved, "seq_len": cfg["train"]["seq_len"], "seed": cfg["train"]["seed"]}
-        now = data_identity(self.t.cfg)
+        now = data_identity(self.cfg)
         changed = [f"{k}: checkpoint {saved.get(k)!r} vs now {now[k]!r}" for k in DATA_MEANING if saved.get(k) != now[k]]
-        if changed and not self.t.cfg.run.allow_data_change:
+        if changed and not self.cfg.run.allow_data_change:
             field = {"seq_len": "train.seq_len", "seed": "train.seed"}
             raise CheckpointError(f"resuming {path} would change what its data position means ("
                                   + "; ".join(changed) + "): samples would be skipped or repeated. Resume with the "
                                   f"checkpoint's values ({', '.join(field.get(k, 'data.' + k) for k in DATA_MEANING)}),"
                                   f" or accept it with --run.allow_data_change=true")
-        files = file_changes(saved.get("files"), self.t.data.files) if not changed else []
-        if files and not self.t.cfg.run.allow_data_change:
+        files = file_changes(saved.get("files"), self.data.files) if not changed else []
+        if files and not self.cfg.run.allow_data_change:
             raise CheckpointError(f"the data files changed since {path} was written (" + "; ".join(files) + "): its "
                                   f"position would point into other documents. Restore those files, or accept the "
                                   f"change with --run.allow_data_change=true ({DATA_CHANGE_RULE})")
-        if files and self.t.mesh.is_main:
+        if files and self.mesh.is_main:
             print(f"warning: the data files changed since {path} (" + "; ".join(files) + f"); continuing as "
                   f"run.allow_data_change allows: {DATA_CHANGE_RULE}", file=sys.stderr, flush=True)
 

@@ -1,5 +1,6 @@
-"""The training loop: set-up, `train_step` (read it whole), and `fit` (logs, evaluation, samples,
-checkpoints, stops). Checkpoint contents live in state.py, the guard's policies in guard.py, the run
+"""The training loop: set-up, one step at a time, and `fit` (logs, evaluation, samples, checkpoints,
+stops, the out-of-memory message). The model is built and wrapped in build.py, the step is step.py's
+(read it whole), checkpoint contents live in state.py, the guard's policies in guard.py, the run
 directory's ownership in dsmoe/checkpoint/run_dir.py and the metrics row in metrics/row.py.
 """
 from __future__ import annotations
@@ -21,39 +22,37 @@ from dsmoe.metrics.logger import LineFile, RunLogger, fmt_tokens
 from dsmoe.metrics.row import log_row
 from dsmoe.metrics.trackers import Trackers
 from dsmoe.metrics.throughput import StepTimer, device_label, peak_tflops
-from dsmoe.model import Transformer, flops_per_token, param_breakdown, update_expert_bias
+from dsmoe.model import flops_per_token, param_breakdown
 from dsmoe.tools.model import fmt_count
-from dsmoe.parallel.dispatch import make_dispatcher
-from dsmoe.parallel.expert_state import ExpertShards, is_expert_param
-from dsmoe.parallel.fsdp import apply_fsdp, grad_norm_sets, optional_no_sync, place_shard
 from dsmoe.parallel.mesh import Mesh, init_mesh, missing_ranks, set_timeout
-from dsmoe.parallel.wrap import block_fn_for, compile_blocks, wrap_ddp
 from dsmoe.checkpoint import run_dir as rundir
 from dsmoe.checkpoint import resolve
 from dsmoe.checkpoint.file import is_sharded, peek
 from dsmoe.train.faults import FaultInjector
 from dsmoe.train.init_from import load_weights
-from dsmoe.train.guard import Guard, GuardPolicy, params_all_finite
-from dsmoe.train.optim import build_optimizer, clip_grad_norm
+from dsmoe.train.guard import Guard, GuardPolicy
 from dsmoe.train.data import TrainData
 from dsmoe.checkpoint.lock import RunLock
-from dsmoe.train.precision import apply_fp8, autocast, grad_scaler, resolve_precision
-from dsmoe.checkpoint.sharded import ShardedState, load_meta
+from dsmoe.train import step
+from dsmoe.train.build import TrainState, build, wrap
+from dsmoe.train.precision import autocast, resolve_precision
+from dsmoe.checkpoint.sharded import load_meta
+from dsmoe.train.step import StepResult
 from dsmoe.train.signals import StopRequest
 from dsmoe.train.state import Checkpoints, Progress, RunFinished, decide, schedule_of
 
 
-def batch_change(saved: dict, trainer) -> Optional[str]:
+def batch_change(saved: dict, cfg: Config, world: int, tokens_per_step: int) -> Optional[str]:
     """The line that calls out a resume whose global batch (tokens per optimizer step) differs from
     the checkpoint's; None when it is the same."""
-    t, was = trainer.cfg.train, saved["config"]["train"]
-    world = saved["layout"]["world"]
-    before = world * was["micro_batch"] * was["grad_accum"] * was["seq_len"]
-    if before == trainer.tokens_per_step:
+    t, was = cfg.train, saved["config"]["train"]
+    saved_world = saved["layout"]["world"]
+    before = saved_world * was["micro_batch"] * was["grad_accum"] * was["seq_len"]
+    if before == tokens_per_step:
         return None
-    return (f"the global batch changes on this resume: {fmt_tokens(before)} -> {fmt_tokens(trainer.tokens_per_step)} "
-            f"tokens per step (ranks x micro_batch x grad_accum x seq_len: {world} x {was['micro_batch']} x "
-            f"{was['grad_accum']} x {was['seq_len']} -> {trainer.mesh.world} x {t.micro_batch} x {t.grad_accum} x "
+    return (f"the global batch changes on this resume: {fmt_tokens(before)} -> {fmt_tokens(tokens_per_step)} "
+            f"tokens per step (ranks x micro_batch x grad_accum x seq_len: {saved_world} x {was['micro_batch']} x "
+            f"{was['grad_accum']} x {was['seq_len']} -> {world} x {t.micro_batch} x {t.grad_accum} x "
             f"{t.seq_len}); the learning rate is not rescaled. Keep the tokens per step with --train.grad_accum or "
             f"--train.micro_batch")
 
@@ -75,7 +74,7 @@ class Trainer:
         self.resumed_from = decide(self.mesh, lambda: resolve(resume, self.run_dir, "--resume", required=False,
                                                               move=True, report=self.log.warn))  # one decider
         self.lineage = self._claim(write=False)  # refuse before any work: nothing written yet
-        self.precision = resolve_precision(t.precision, self.device, t.tf32)
+        precision = resolve_precision(t.precision, self.device, t.tf32)
         self.tokenizer = get_tokenizer(cfg.data.tokenizer)
         self.vocab_size = cfg.model.vocab_size or padded_vocab_size(self.tokenizer.vocab_size)
         if self.vocab_size < self.tokenizer.vocab_size:
@@ -83,50 +82,23 @@ class Trainer:
                               f"{self.tokenizer.vocab_size} ({cfg.data.tokenizer}): raise it or set it to null")
         self.data = TrainData(cfg, self.mesh, self.device)
 
-        # built on the meta device, sharded, then each rank materialises and initialises only what it
-        # holds (its experts, its FSDP shards); the weights depend on config and seed alone
-        with torch.device("meta"):
-            self.model = self._build_model()
-        self.fsdp = cfg.parallel.dp == "fsdp" and self.mesh.distributed
-        if t.fp8:  # before sharding: FSDP2 then gathers the float8 weights' own way
-            apply_fp8(self.model, self.device)
-        if self.fsdp:  # first: sharding replaces the parameters
-            apply_fsdp(self.model, self.mesh, cfg.parallel, self.precision)
-        self.model.to_empty(device=self.device)
-        self.model.tie_weights()
-        self.model.init_weights(t.seed, place=place_shard if self.fsdp else None)
-        torch.manual_seed(t.seed)  # the RNG stream after init (sampling, dropout-free training) is layout-free
-        # expert parallelism: routed-expert shards stay out of DDP and are reduced over edp only
-        self.experts = None
-        if self.mesh.ep > 1 and any(is_expert_param(n) for n, _ in self.model.named_parameters()):
-            self.experts = ExpertShards.of(self.model, self.mesh, cfg.moe.n_routed_experts)
-        expert_names = set(self.experts.names) if self.experts else set()
-        if self.fsdp:
-            self.param_sets = grad_norm_sets(self.model, cfg.parallel.replicate, expert_names)
-        elif self.experts is not None:  # replicated, and sharded over the EP group
-            self.param_sets = [([p for n, p in self.model.named_parameters() if n not in expert_names], None),
-                               (self.experts.params, self.mesh.ep_group)]
-        else:
-            self.param_sets = [(list(self.model.parameters()), None)]
-        self.optimizer = build_optimizer(self.model, t)
-        self.sharded = ShardedState(self.model, self.optimizer, self.mesh, self.experts, self.fsdp)
-        fmt = cfg.checkpoint.format
-        self.save_sharded = fmt == "sharded" or (fmt == "auto" and (self.mesh.distributed or cfg.checkpoint.async_save))
-        self.scaler = grad_scaler(self.precision, self.device)
-        self.block_fn = block_fn_for(cfg.parallel)
+        self.state = build(cfg, self.mesh, self.vocab_size, precision)
         self.progress = Progress()
         self.guard = Guard(cfg.guard, self.mesh.rank, self.mesh.world)
-        self.policy = GuardPolicy(self)
         self.faults = FaultInjector(cfg.faults, self.mesh.rank, self.run_dir)
-        self.faults.attach(self.model)
-        self.checkpoints = Checkpoints(self)
+        self.faults.attach(self.state.model)
+        self.checkpoints = Checkpoints(cfg, self.state, self.progress, self.guard, self.data, self.mesh, self.faults,
+                                       self.vocab_size, self.log, self.notes)
+        self.policy = GuardPolicy(cfg, self.state, self.progress, self.guard, self.mesh, self.checkpoints, self.faults,
+                                  self.batch_at, warn=lambda text: self.log.warn(text))  # fit() opens another log
         self.stop = StopRequest(self.mesh.rank)  # installed by fit()
         self.timer = StepTimer(self.device)
-        for moe in self.model.moe_modules():
+        for moe in self.state.model.moe_modules():
             if hasattr(moe.dispatcher, "timer"):  # expert parallelism: time the all-to-alls
                 moe.dispatcher.timer = self.timer
         if init_from is not None and self.resumed_from is None:
-            load_weights(self, init_from)
+            load_weights(self.state, cfg, self.vocab_size, init_from)
+            self.log.print(f"initialised from {init_from}")
         self.resumed_from, saved = self.checkpoints.restore_verified(self.resumed_from, self.resume == "auto")
         if saved is not None and self.progress.step >= t.steps:
             raise RunFinished(f"{self.resumed_from} is at step {self.progress.step}, this run's last (train.steps="
@@ -134,18 +106,16 @@ class Trainer:
                               f"with --train.steps=N (N > {self.progress.step}); the schedule is extended from here")
         self.schedule = schedule_of(saved, t)
         self.schedule_change = self.schedule.extend(self.progress.sched_step)
+        self.checkpoints.schedule = self.schedule
         self.run_lock = RunLock(self.run_dir)
         decide(self.mesh, lambda: self.run_lock.acquire(record=False))  # rank 0; refusals raised on every rank
-        self.lineage = self._claim(write=True)
+        self.lineage = self.checkpoints.lineage = self._claim(write=True)
         decide(self.mesh, self.run_lock.acquire)  # pid and host; anew if run.overwrite moved the directory aside
-        self.wrapped = self.model if self.fsdp else wrap_ddp(self.model, self.mesh, cfg.parallel, ignore=expert_names)
-        if t.compile:
-            compile_blocks(self.wrapped)
-        self.samples_per_micro_step = self.mesh.world * t.micro_batch
-        self.tokens_per_step = self.samples_per_micro_step * t.grad_accum * t.seq_len
-        self.batch_change = batch_change(saved, self) if saved is not None else None
-        self.flops_per_token = flops_per_token(self.model, t.seq_len)
-        self.peak_tflops = peak_tflops(device_label(self.device), self.precision, cfg.log.peak_tflops)
+        wrap(self.state, cfg, self.mesh)
+        self.batch_change = (batch_change(saved, cfg, self.mesh.world, self.state.tokens_per_step)
+                             if saved is not None else None)
+        self.flops_per_token = flops_per_token(self.state.model, t.seq_len)
+        self.peak_tflops = peak_tflops(device_label(self.device), self.state.precision, cfg.log.peak_tflops)
 
     # ------------------------------------------------------------------------- set-up
 
@@ -169,103 +139,40 @@ class Trainer:
 
         return decide(self.mesh, on_rank0)
 
-    def _build_model(self) -> Transformer:
-        """Under parallel.ep > 1 each MoE layer holds only this EP rank's experts (expert e on EP rank
-        e // (E / ep)), initialised equal to the single-process model's rows."""
-        if self.mesh.ep == 1:
-            return Transformer(self.cfg, self.vocab_size)
-        E, drops = self.cfg.moe.n_routed_experts, self.cfg.moe.capacity_factor is not None
-        return Transformer(self.cfg, self.vocab_size,
-                           dispatcher_factory=lambda layer: make_dispatcher(E, self.mesh, drops=drops))
-
-    def restore(self, path: Path) -> dict:
-        return self.checkpoints.restore(path)
+    def __getattr__(self, name: str):
+        """The built state's parts read as the trainer's (trainer.model, trainer.optimizer, ...), for the
+        scripts and tests that hold a trainer."""
+        state = self.__dict__.get("state")
+        if state is None or name not in TrainState.__dataclass_fields__:
+            raise AttributeError(f"'Trainer' object has no attribute '{name}'")
+        return getattr(state, name)
 
     def autocast(self):
-        return autocast(self.precision, self.device)
+        return autocast(self.state.precision, self.device)
 
     def batch_at(self, first_sample: int, prefetch_next: bool = False):
         """This rank's micro-batch of the global micro-step that starts at sample `first_sample` (on the
         device); with prefetch_next, the following micro-step's is built meanwhile."""
         return self.data.batch(first_sample, prefetch_next)
 
-    def params_finite_everywhere(self) -> bool:
-        ok = params_all_finite(self.model).float()
-        if self.mesh.distributed:
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # expert shards differ between ranks
-        return bool(ok.item())
-
     # ------------------------------------------------------------------------- the step
 
-    def train_step(self) -> dict:
-        t, p = self.cfg.train, self.progress
-        self.faults.step = p.step + 1
-        self.faults.maybe_kill()
-        self.faults.maybe_hang()
-        self.wrapped.train()
-        first_sample = p.samples
-        lr = self.schedule(p.sched_step) * p.lr_scale
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = torch.zeros((), device=self.device)
-        counts = dropped = None
-        for micro in range(t.grad_accum):
-            with self.timer.phase("data"):
-                x, y = self.batch_at(p.samples, prefetch_next=True)
-            p.samples += self.samples_per_micro_step
-            last = micro == t.grad_accum - 1
-            # gradients are reduced once per optimizer step, on the last micro-batch
-            with optional_no_sync(self.wrapped, self.fsdp, self.mesh.distributed, last):
-                with self.timer.phase("forward"), self.autocast():
-                    out = self.wrapped(x, y, block_fn=self.block_fn)
-                with self.timer.phase("backward"):
-                    self.scaler.scale(self.faults.scale_loss(out.loss) / t.grad_accum).backward()
-            loss_sum += self.faults.scale_loss(out.ce_loss.detach())
-            if out.expert_counts is not None:
-                counts = out.expert_counts if counts is None else counts + out.expert_counts
-                dropped = out.dropped if dropped is None else dropped + out.dropped
-        if self.experts is not None:  # DDP / FSDP reduced the rest on the last micro-batch's backward
-            self.experts.reduce_grads(edp_averaged=self.fsdp)
+    def train_step(self) -> StepResult:
+        """One step of the loop: the shared step (dsmoe/train/step.py) on this rank's batches, then the
+        rollback the guard decided, if any."""
+        p = self.progress
+        result = step.train_step(self.state, p, self._batches(), self.guard, self.cfg, policy=self.policy,
+                                 lr=self.schedule(p.sched_step) * p.lr_scale, stop=self.stop,
+                                 faults=self.faults, timer=self.timer)
+        if result.rollback:
+            self.policy.rollback()
+        return result
 
-        with self.timer.phase("optimizer"):
-            self.scaler.unscale_(self.optimizer)
-            found_inf = self._found_inf()
-            grad_norm = clip_grad_norm(self.param_sets, t.grad_clip)
-            # one all-reduce and one host copy: NaN/spike flags, stop request, fp16 overflow, expert counts
-            verdict = self.guard.check(loss_sum / t.grad_accum, grad_norm, found_inf, self.stop.requested,
-                                       counts, dropped)
-            if not verdict.bad and not verdict.overflow:
-                self.optimizer.step()
-            if found_inf is not None:  # every rank updates the scale from the same, global, overflow flag
-                for f in self.scaler._per_optimizer_states[id(self.optimizer)]["found_inf_per_device"].values():
-                    f.fill_(float(verdict.overflow))
-            self.scaler.update()
-            self.optimizer.zero_grad(set_to_none=True)
-        p.step += 1
-        p.tokens += self.tokens_per_step
-        stats = {"loss_sum": loss_sum, "grad_norm": grad_norm, "lr": lr, "stop": verdict.stop,
-                 "counts": verdict.counts, "dropped": verdict.dropped}
-        if verdict.bad:  # dropped on every rank: no update, schedule or bias step
-            self.policy.on_bad_step(verdict, first_sample)
-            stats["counts"] = stats["dropped"] = None
-        elif verdict.overflow:
-            p.skipped_overflow += 1
-        else:
-            p.sched_step += 1
-            if verdict.counts is not None and self.cfg.moe.bias_update_rate > 0:
-                for moe, layer_counts in zip(self.model.moe_modules(), verdict.counts):
-                    update_expert_bias(moe.router, layer_counts, self.cfg.moe.bias_update_rate)
-            if self.cfg.guard.check_params and self.cfg.guard.policy != "off":
-                self.policy.check_params()
-        self.faults.step_done()
-        return stats
-
-    def _found_inf(self) -> Optional[torch.Tensor]:
-        """fp16: this rank's GradScaler overflow flag (0-d, on the device); None without a scaler."""
-        if not self.scaler.is_enabled():
-            return None
-        found = self.scaler._per_optimizer_states[id(self.optimizer)]["found_inf_per_device"].values()
-        return torch.stack([f.to(self.device) for f in found]).sum()
+    def _batches(self):
+        """This rank's micro-batches from the data position on, each built when the step asks for it
+        (and the next one prefetched meanwhile)."""
+        while True:
+            yield self.batch_at(self.progress.samples, prefetch_next=True)
 
     # ------------------------------------------------------------------------- evaluation and samples
 
@@ -273,11 +180,11 @@ class Trainer:
     def evaluate(self) -> Optional[dict]:
         if not self.data.val:
             return None
-        self.model.eval()
+        self.state.model.eval()
         total = torch.zeros(2, device=self.device)
         for i, (x, y) in enumerate(self.data.val):
             with self.autocast():
-                out = self.model(x.to(self.device), y.to(self.device))
+                out = self.state.model(x.to(self.device), y.to(self.device))
             if i < self.data.val_counted:  # the rest are padding (see TrainData)
                 total += torch.stack([out.ce_loss.float(), torch.ones((), device=self.device)])
         if self.mesh.distributed:
@@ -288,14 +195,14 @@ class Trainer:
     @torch.no_grad()
     def sample(self, prompts: Optional[list[str]] = None) -> list[dict]:
         t = self.cfg.train
-        self.model.eval()
+        self.state.model.eval()
         gen = torch.Generator(device=self.device).manual_seed(t.seed + self.progress.step)  # not the global RNG
         results = []
         for prompt in prompts or t.sample_prompts:
             ids = self.tokenizer.encode(prompt) or [self.tokenizer.eot_id]
             idx = torch.tensor([ids], device=self.device)
             with self.autocast():
-                out = generate_ids(self.model, idx, t.sample_tokens, t.temperature, t.sample_top_k, generator=gen,
+                out = generate_ids(self.state.model, idx, t.sample_tokens, t.temperature, t.sample_top_k, generator=gen,
                                    vocab_limit=self.tokenizer.vocab_size)
             results.append({"step": self.progress.step, "prompt": prompt,
                             "text": self.tokenizer.decode(out[0, len(ids):].tolist())})
@@ -304,18 +211,18 @@ class Trainer:
     # ------------------------------------------------------------------------- the run
 
     def header(self) -> dict:
-        b = param_breakdown(self.model)
-        t, m, p = self.cfg.train, self.mesh, self.progress
+        t, m, p, s = self.cfg.train, self.mesh, self.progress, self.state
+        b = param_breakdown(s.model)
         rows = {
             "model": f"{self.cfg.model.name} ({self.cfg.attention.kind}, {self.cfg.moe.n_routed_experts} routed "
                      f"+ {self.cfg.moe.n_shared_experts} shared, top-{self.cfg.moe.top_k})",
             "parameters": f"{fmt_count(b['total'])} total, {fmt_count(b['active'])} active per token",
-            "layout": f"world {m.world} (edp {m.edp} x ep {m.ep}, {'FSDP2' if self.fsdp else 'DDP'}) on {self.device}, "
+            "layout": f"world {m.world} (edp {m.edp} x ep {m.ep}, {'FSDP2' if s.fsdp else 'DDP'}) on {self.device}, "
                       f"{torch.get_num_threads()} CPU threads per process"
-                      + (f", {self.experts.n_local} of {self.experts.n_experts} routed experts per rank"
-                         if self.experts else ""),
-            "precision": self.precision,
-            "tokens / step": f"{fmt_tokens(self.tokens_per_step)} = {m.world} ranks x {t.micro_batch} x "
+                      + (f", {s.experts.n_local} of {s.experts.n_experts} routed experts per rank"
+                         if s.experts else ""),
+            "precision": s.precision,
+            "tokens / step": f"{fmt_tokens(s.tokens_per_step)} = {m.world} ranks x {t.micro_batch} x "
                              f"{t.grad_accum} accum x {t.seq_len}",
             "data": f"{self.cfg.data.source} ({self.cfg.data.tokenizer}, vocab {self.vocab_size}, "
                     + (f"{fmt_tokens(self.data.train_tokens)} train tokens)" if self.data.train_tokens is not None
@@ -333,7 +240,7 @@ class Trainer:
     def fit(self) -> dict:
         cfg, t, p = self.cfg, self.cfg.train, self.progress
         end = min(t.steps, t.stop_after) if t.stop_after is not None else t.steps
-        log = self.log = RunLogger(self.run_dir, self.mesh.rank, t.steps, cfg.log.rich, start_step=p.step)
+        log = self.log = self.checkpoints.log = RunLogger(self.run_dir, self.mesh.rank, t.steps, cfg.log.rich, start_step=p.step)
         self.trackers = self._open_trackers()
         if self.mesh.is_main:
             (self.run_dir / "config.yaml").write_text(dump_yaml(cfg))
@@ -356,13 +263,16 @@ class Trainer:
                     interval["steps"] += 1
                     interval["seconds"] += time.perf_counter() - tick
                     log.advance(p.step)
-                    if p.step % t.log_every == 0 or p.step in (end, started + 1) or stats["stop"]:
-                        row = log_row(self, stats, interval["steps"], interval["seconds"])
+                    if p.step % t.log_every == 0 or p.step in (end, started + 1) or stats.stop:
+                        row = log_row(stats, self.state, p, cfg, self.mesh, timer=self.timer, log=log,
+                                      guard_events=len(self.policy.events), flops_per_token=self.flops_per_token,
+                                      peak_tflops=self.peak_tflops, steps=interval["steps"],
+                                      train_seconds=interval["seconds"])
                         history.append(row)
                         log.log(row)
                         self.trackers.log_row(row)
                         interval = {"steps": 0, "seconds": 0.0}
-                    if stats["stop"]:
+                    if stats.stop:
                         stopped = self.stop.signal_name or "a stop request on another rank"
                         break
                     self._periodic(history, end)
@@ -384,10 +294,10 @@ class Trainer:
             self.trackers.close()
             self.run_lock.release()
         result = {"history": history, "step": p.step, "stopped": stopped, "checkpoint": saved,
-                  "seconds": time.perf_counter() - began, "tokens": (p.step - started) * self.tokens_per_step,
+                  "seconds": time.perf_counter() - began, "tokens": (p.step - started) * self.state.tokens_per_step,
                   "resumed_at": started, "run_seconds": earlier + time.perf_counter() - began,
                   "run_tokens": p.tokens}
-        self.log = RunLogger(None, self.mesh.rank, 0, "off")
+        self.log = self.checkpoints.log = RunLogger(None, self.mesh.rank, 0, "off")
         return result
 
     def _open_trackers(self) -> Trackers:
@@ -418,7 +328,7 @@ class Trainer:
         # under expert parallelism or FSDP every rank samples (same generator seed, same lengths), since
         # each forward is a collective; rank 0 writes
         if t.sample_every and (p.step % t.sample_every == 0 or p.step == end) and \
-                (self.mesh.is_main or self.mesh.ep > 1 or self.fsdp):
+                (self.mesh.is_main or self.mesh.ep > 1 or self.state.fsdp):
             samples = self.sample()
             if self.mesh.is_main:
                 self._write_samples(samples)
