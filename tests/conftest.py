@@ -47,3 +47,25 @@ def rel_err(a: dict, b: dict) -> float:
 @pytest.fixture(scope="session")
 def data_cache(tmp_path_factory):
     return str(tmp_path_factory.mktemp("data-cache"))
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tmp_path_factory, data_cache):
+    """A checkpoint of the small test model after 3 steps, shared by the serving tests (read only)."""
+    from dsmoe.checkpoint.file import latest_checkpoint
+    from dsmoe.train.trainer import Trainer
+
+    run = tmp_path_factory.mktemp("trained") / "run"
+    Trainer(small_config(run, data_cache, "--train.steps=3")).fit()
+    return str(latest_checkpoint(run))
+
+
+def host_copies_of_two_async_saves(trainer) -> list[dict]:
+    """The async stager's host buffers after each of two more saves ({id: buffer}): equal keys = reused."""
+    cached = trainer.checkpoints.stager._state_dict_stager._cached_storage_mapping
+    buffers = []
+    for _ in range(2):
+        trainer.checkpoints.save()
+        trainer.checkpoints.wait()
+        buffers.append({id(b): b for b in cached.values()})
+    return buffers

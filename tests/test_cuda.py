@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from conftest import rel_err, small_config
+from conftest import host_copies_of_two_async_saves, rel_err, small_config
 from dsmoe.config import TrainConfig, load_config
 from dsmoe.train.trainer import Trainer
 
@@ -171,11 +171,6 @@ def test_async_saves_reuse_one_pinned_host_copy(tmp_path, data_cache):
     """The second save copies into the first one's pinned host buffers: no re-pinning per save."""
     t = Trainer(small_config(tmp_path / "async", data_cache, CUDA, "--train.steps=1", "--checkpoint.async_save=true"))
     t.fit()
-    cached = t.checkpoints.stager._state_dict_stager._cached_storage_mapping
-    buffers = []
-    for _ in range(2):
-        t.checkpoints.save()
-        t.checkpoints.wait()
-        buffers.append({id(b): b for b in cached.values()})
+    buffers = host_copies_of_two_async_saves(t)
     assert buffers[0] and buffers[1].keys() == buffers[0].keys()
     assert t.checkpoints.stager._state_dict_stager.pin_memory  # pinned on CUDA

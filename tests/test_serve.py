@@ -8,23 +8,18 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-from conftest import small_config
 
 from dsmoe.infer import SamplingParams, generate
 from dsmoe.checkpoint.load import load_model
 from dsmoe.infer.seeds import prompt_seed
 from dsmoe.infer.process import served
-from dsmoe.checkpoint.file import latest_checkpoint
-from dsmoe.train.trainer import Trainer
 
 MAX_BATCH = 8  # fewer rows than the 16 concurrent requests: half of them wait and join between steps
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory, data_cache):
-    run = tmp_path_factory.mktemp("serve-run") / "run"
-    Trainer(small_config(run, data_cache, "--train.steps=3")).fit()
-    return str(latest_checkpoint(run))
+def ckpt(trained_checkpoint):
+    return trained_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import os
 import pytest
 import requests
 import torch
-from conftest import small_config
 
 from dsmoe.infer import SamplingParams, generate
 from dsmoe.infer.seeds import prompt_seed
@@ -15,18 +14,14 @@ from dsmoe.infer.chat import render_chat
 from dsmoe.infer.forward import dropless
 from dsmoe.checkpoint.load import load_model
 from dsmoe.infer.process import served
-from dsmoe.checkpoint.file import latest_checkpoint
-from dsmoe.train.trainer import Trainer
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory, data_cache):
-    run = tmp_path_factory.mktemp("clients-run") / "run"
-    Trainer(small_config(run, data_cache, "--train.steps=3")).fit()
-    return str(latest_checkpoint(run))
+def ckpt(trained_checkpoint):
+    return trained_checkpoint
 
 
 @pytest.fixture(scope="module")
