@@ -55,8 +55,12 @@ def _worker(rank: int, world: int, rendezvous: str, fn, args, queue) -> None:
             dist.destroy_process_group()
 
 
+AFTER_ERROR_S = 15.0  # once a rank has failed, how long the others get to report before they are killed
+
+
 def run_workers(fn, world: int, args: tuple = (), timeout: float = 300.0) -> list:
-    """Fails (instead of hanging) when a worker dies without reporting or the whole run overruns."""
+    """Fails (instead of hanging) when a worker dies without reporting, the whole run overruns, or a rank
+    failed and the others have not reported AFTER_ERROR_S later (a rank left waiting on the failed one)."""
     ctx = _context()
     queue = ctx.Queue()
     rendezvous_dir = tempfile.TemporaryDirectory(prefix="dsmoe-rdzv-")
@@ -66,7 +70,7 @@ def run_workers(fn, world: int, args: tuple = (), timeout: float = 300.0) -> lis
         p.start()
     results: dict = {}
     errors = []
-    deadline = time.monotonic() + timeout
+    deadline = give_up = time.monotonic() + timeout
     while len(results) + len(errors) < world:
         try:
             rank, status, value = queue.get(timeout=1.0)
@@ -75,8 +79,13 @@ def run_workers(fn, world: int, args: tuple = (), timeout: float = 300.0) -> lis
             if silent or time.monotonic() > deadline:
                 errors.append(f"ranks {silent} died without a report" if silent else f"timed out after {timeout}s")
                 break
+            if errors and time.monotonic() > give_up:
+                errors.append(f"the other ranks had not reported {AFTER_ERROR_S:.0f} s after that error")
+                break
             continue
         if status == "error":
+            if not errors:
+                give_up = time.monotonic() + AFTER_ERROR_S
             errors.append(f"rank {rank}:\n{value}")
         else:
             results[rank] = torch.load(io.BytesIO(value), weights_only=False)
